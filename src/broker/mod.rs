@@ -1,0 +1,630 @@
+//! The Kafka request handlers: one `ShardBroker` per shard owns that shard's partition logs and its copy
+//! of the topic table, and answers every request that reaches the shard's listener.
+//!
+//! Ownership rules (the invariants the rest of the code relies on):
+//! - a partition's log is opened, written, read and closed only by its owning shard
+//!   (`topics::partition_owner`); a request for a partition owned elsewhere gets NOT_LEADER_OR_FOLLOWER;
+//! - shard 0 is the controller: it alone creates and deletes topics, and publishes each new topic
+//!   table to every shard through the mailboxes (`ShardContext::run_on`);
+//! - Kafka error codes are produced here (see `errors`), never inside storage.
+
+mod admin;
+mod errors;
+mod fetch;
+mod group_api;
+pub mod groups;
+mod metadata;
+mod produce;
+pub mod topics;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, RequestKind, ResponseKind};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::protocol::{self, DecodeError};
+use crate::server::{ConnectionInfo, Handler, HandlerFactory, OutPart, Reply};
+use crate::shard::ShardContext;
+use crate::storage::PartitionLog;
+
+use errors::code;
+use groups::{GroupCoordinator, GroupSettings};
+use topics::{TopicInfo, TopicStore, TopicsSnapshot, partition_owner};
+
+thread_local! {
+    /// This thread's broker, so that work sent from another shard (`run_on`) can reach it.
+    static CURRENT: RefCell<Option<Rc<ShardBroker>>> = const { RefCell::new(None) };
+}
+
+/// The broker of the calling shard thread. Work reaches a shard only after its broker is installed
+/// (the factory installs it before the listener starts), so a miss is a bug.
+fn current() -> Rc<ShardBroker> {
+    CURRENT
+        .with(|cell| cell.borrow().clone())
+        .expect("no broker installed on this shard thread")
+}
+
+/// Builds each shard's broker on that shard's thread. State shared by all shards at startup (the
+/// cluster id and the topic table read from disk) is loaded once, by whichever shard comes first.
+pub struct BrokerFactory {
+    startup: OnceLock<Result<Startup, String>>,
+}
+
+#[derive(Clone)]
+struct Startup {
+    cluster_id: String,
+    topics: Arc<TopicsSnapshot>,
+}
+
+impl BrokerFactory {
+    pub fn new() -> BrokerFactory {
+        BrokerFactory {
+            startup: OnceLock::new(),
+        }
+    }
+}
+
+impl Default for BrokerFactory {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HandlerFactory for BrokerFactory {
+    type Handler = BrokerHandler;
+
+    async fn create(&self, ctx: ShardContext) -> anyhow::Result<BrokerHandler> {
+        let config = ctx.config().clone();
+        let startup = self
+            .startup
+            .get_or_init(|| load_startup(&config).map_err(|e| format!("{e:#}")))
+            .clone()
+            .map_err(anyhow::Error::msg)?;
+        let offsets_dir = config
+            .log_dir
+            .join(format!("__consumer_offsets-{}", ctx.shard_id()));
+        let groups = GroupCoordinator::open(&offsets_dir, group_settings(&config))
+            .await
+            .map_err(|e| anyhow::anyhow!("loading offsets log {}: {e}", offsets_dir.display()))?;
+        let broker = Rc::new(ShardBroker {
+            shard: ctx.shard_id(),
+            shard_count: ctx.shard_count(),
+            ctx,
+            log_dir: config.log_dir.clone(),
+            config,
+            cluster_id: startup.cluster_id,
+            topics: RefCell::new(startup.topics.clone()),
+            logs: RefCell::new(HashMap::new()),
+            creating: RefCell::new(HashSet::new()),
+            stopping: Cell::new(false),
+            groups,
+        });
+        for topic in startup.topics.by_name.values() {
+            broker.open_owned_partitions(topic).await?;
+        }
+        CURRENT.with(|cell| *cell.borrow_mut() = Some(broker.clone()));
+        broker.clone().start_housekeeping();
+        Ok(BrokerHandler { broker })
+    }
+}
+
+/// Reads (or on first start writes) `meta.properties` with the cluster id, and the topic table.
+fn load_startup(config: &Config) -> anyhow::Result<Startup> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&config.log_dir)
+        .with_context(|| format!("creating log dir {}", config.log_dir.display()))?;
+    let meta_path = config.log_dir.join("meta.properties");
+    let cluster_id = match std::fs::read_to_string(&meta_path) {
+        Ok(text) => text
+            .lines()
+            .find_map(|line| line.strip_prefix("cluster.id="))
+            .map(|id| id.trim().to_string())
+            .with_context(|| format!("{} has no cluster.id", meta_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let text = format!("version=1\ncluster.id={id}\nnode.id={}\n", config.broker_id);
+            let temp = config.log_dir.join("meta.properties.tmp");
+            std::fs::write(&temp, text)?;
+            std::fs::File::open(&temp)?.sync_all()?;
+            std::fs::rename(&temp, &meta_path)?;
+            id
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", meta_path.display())),
+    };
+    let topics = TopicStore::new(&config.log_dir)
+        .load()
+        .context("loading topic definitions")?;
+    info!(topics = topics.by_name.len(), %cluster_id, "loaded topic table");
+    Ok(Startup {
+        cluster_id,
+        topics: Arc::new(topics),
+    })
+}
+
+/// The `Handler` the server calls; a thin shell around the shard's broker.
+pub struct BrokerHandler {
+    broker: Rc<ShardBroker>,
+}
+
+impl Handler for BrokerHandler {
+    async fn handle(&self, conn: &ConnectionInfo, request: Bytes) -> Reply {
+        self.broker.handle(conn, request).await
+    }
+
+    async fn shutdown(&self) {
+        self.broker.shutdown().await
+    }
+}
+
+/// Why a topic operation failed: a Kafka error code and a message for the client.
+#[derive(Debug, Clone)]
+pub struct TopicError {
+    pub code: i16,
+    pub message: String,
+}
+
+impl TopicError {
+    fn new(code: i16, message: impl Into<String>) -> TopicError {
+        TopicError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+pub struct ShardBroker {
+    shard: usize,
+    shard_count: usize,
+    ctx: ShardContext,
+    config: Arc<Config>,
+    log_dir: PathBuf,
+    cluster_id: String,
+    topics: RefCell<Arc<TopicsSnapshot>>,
+    /// The partitions this shard owns, by (topic, partition).
+    logs: RefCell<HashMap<(String, i32), Rc<PartitionLog>>>,
+    /// Topics the controller is creating right now; used only on shard 0.
+    creating: RefCell<HashSet<String>>,
+    stopping: Cell<bool>,
+    /// The consumer groups this shard coordinates.
+    groups: GroupCoordinator,
+}
+
+impl ShardBroker {
+    pub fn topics(&self) -> Arc<TopicsSnapshot> {
+        self.topics.borrow().clone()
+    }
+
+    fn owner_of(&self, topic: &str, partition: i32) -> usize {
+        partition_owner(topic, partition, self.shard_count)
+    }
+
+    /// A snapshot of this shard's logs, so that a loop over them can await without holding the
+    /// map's borrow (a topic may be created or deleted meanwhile).
+    fn owned_logs(&self) -> Vec<((String, i32), Rc<PartitionLog>)> {
+        self.logs
+            .borrow()
+            .iter()
+            .map(|(key, log)| (key.clone(), log.clone()))
+            .collect()
+    }
+
+    fn log(&self, topic: &str, partition: i32) -> Option<Rc<PartitionLog>> {
+        self.logs
+            .borrow()
+            .get(&(topic.to_string(), partition))
+            .cloned()
+    }
+
+    /// Installs a topic table if it is newer than the one this shard has.
+    fn install_topics(&self, snapshot: Arc<TopicsSnapshot>) {
+        let mut current = self.topics.borrow_mut();
+        if snapshot.epoch > current.epoch {
+            *current = snapshot;
+        }
+    }
+
+    async fn handle(&self, conn: &ConnectionInfo, frame: Bytes) -> Reply {
+        let request = match protocol::decode_request(frame) {
+            Ok(request) => request,
+            Err(error) => return self.reject(conn, error),
+        };
+        let header = &request.header;
+        let (api_key, version, correlation_id) =
+            (header.api_key, header.api_version, header.correlation_id);
+        let body = match request.body {
+            RequestKind::ApiVersions(_) => {
+                ResponseKind::ApiVersions(protocol::api_versions_response(version, 0))
+            }
+            RequestKind::Metadata(req) => ResponseKind::Metadata(self.metadata(req, version).await),
+            RequestKind::Produce(req) => match self.produce(req, version).await {
+                produce::ProduceOutcome::Respond(response) => ResponseKind::Produce(response),
+                produce::ProduceOutcome::Silent => return Reply::None,
+                produce::ProduceOutcome::Close => return Reply::Close,
+            },
+            RequestKind::Fetch(req) => return self.fetch(req, version, correlation_id).await,
+            RequestKind::ListOffsets(req) => {
+                ResponseKind::ListOffsets(self.list_offsets(req, version).await)
+            }
+            RequestKind::CreateTopics(req) => {
+                ResponseKind::CreateTopics(self.create_topics(req, version).await)
+            }
+            RequestKind::DeleteTopics(req) => {
+                ResponseKind::DeleteTopics(self.delete_topics(req, version).await)
+            }
+            RequestKind::DescribeConfigs(req) => {
+                ResponseKind::DescribeConfigs(self.describe_configs(req, version))
+            }
+            RequestKind::FindCoordinator(req) => {
+                ResponseKind::FindCoordinator(self.find_coordinator(req, version))
+            }
+            RequestKind::JoinGroup(req) => {
+                let client_id = header.client_id.as_deref().unwrap_or("").to_string();
+                ResponseKind::JoinGroup(self.join_group(conn, &client_id, req, version).await)
+            }
+            RequestKind::SyncGroup(req) => ResponseKind::SyncGroup(self.sync_group(req).await),
+            RequestKind::Heartbeat(req) => ResponseKind::Heartbeat(self.heartbeat(req)),
+            RequestKind::LeaveGroup(req) => {
+                ResponseKind::LeaveGroup(self.leave_group(req, version).await)
+            }
+            RequestKind::OffsetCommit(req) => {
+                ResponseKind::OffsetCommit(self.offset_commit(req).await)
+            }
+            RequestKind::OffsetFetch(req) => {
+                ResponseKind::OffsetFetch(self.offset_fetch(req, version))
+            }
+            RequestKind::DescribeGroups(req) => {
+                ResponseKind::DescribeGroups(self.describe_groups(req))
+            }
+            RequestKind::ListGroups(req) => ResponseKind::ListGroups(self.list_groups(req)),
+            RequestKind::DeleteGroups(req) => {
+                ResponseKind::DeleteGroups(self.delete_groups(req).await)
+            }
+            RequestKind::OffsetDelete(req) => {
+                ResponseKind::OffsetDelete(self.offset_delete(req).await)
+            }
+            other => {
+                // decode_request admits only the APIs in the advertised table, so reaching this arm
+                // means the table and this match disagree: answer rather than crash the shard.
+                error!(
+                    ?api_key,
+                    "request kind {:?} has no handler",
+                    std::mem::discriminant(&other)
+                );
+                return Reply::Close;
+            }
+        };
+        match protocol::encode_response(correlation_id, api_key, version, &body) {
+            Ok(frame) => Reply::Send(vec![OutPart::Bytes(frame)]),
+            Err(error) => {
+                error!(conn = conn.id, ?api_key, version, %error, "could not encode response");
+                Reply::Close
+            }
+        }
+    }
+
+    /// Answers a request that could not be decoded the way Kafka does: an unsupported ApiVersions
+    /// version gets the v0 fallback, other unsupported versions or malformed bodies get an error
+    /// response when one can be built, and anything else closes the connection.
+    fn reject(&self, conn: &ConnectionInfo, error: DecodeError) -> Reply {
+        warn!(conn = conn.id, peer = %conn.peer, %error, "bad request");
+        match error.reply() {
+            Some(frame) => Reply::Send(vec![OutPart::Bytes(frame)]),
+            None => Reply::Close,
+        }
+    }
+
+    /// Opens (creating if needed) the logs of `topic`'s partitions that this shard owns.
+    async fn open_owned_partitions(&self, topic: &TopicInfo) -> anyhow::Result<()> {
+        let log_config = topic.config.log_config(&self.config);
+        for partition in 0..topic.partitions {
+            if self.owner_of(&topic.name, partition) != self.shard
+                || self.log(&topic.name, partition).is_some()
+            {
+                continue;
+            }
+            let dir = self.log_dir.join(format!("{}-{}", topic.name, partition));
+            let log = PartitionLog::open(&dir, log_config.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("opening {}: {e}", dir.display()))?;
+            crate::storage::write_partition_metadata(&dir, topic.id)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("writing partition.metadata in {}: {e}", dir.display())
+                })?;
+            self.logs
+                .borrow_mut()
+                .insert((topic.name.clone(), partition), Rc::new(log));
+        }
+        Ok(())
+    }
+
+    /// Creates a topic, wherever the request arrived: the work runs on the controller (shard 0).
+    pub async fn create_topic(
+        &self,
+        topic: TopicInfo,
+        validate_only: bool,
+    ) -> Result<TopicInfo, TopicError> {
+        if self.shard == 0 {
+            return self.controller_create_topic(topic, validate_only).await;
+        }
+        self.ctx
+            .run_on(0, move || async move {
+                current()
+                    .controller_create_topic(topic, validate_only)
+                    .await
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(TopicError::new(
+                    code::UNKNOWN_SERVER_ERROR,
+                    format!("controller unreachable: {e}"),
+                ))
+            })
+    }
+
+    async fn controller_create_topic(
+        &self,
+        topic: TopicInfo,
+        validate_only: bool,
+    ) -> Result<TopicInfo, TopicError> {
+        debug_assert_eq!(self.shard, 0, "only the controller creates topics");
+        if self.topics().get(&topic.name).is_some() || self.creating.borrow().contains(&topic.name)
+        {
+            return Err(TopicError::new(
+                code::TOPIC_ALREADY_EXISTS,
+                format!("Topic '{}' already exists.", topic.name),
+            ));
+        }
+        if validate_only {
+            return Ok(topic);
+        }
+        self.creating.borrow_mut().insert(topic.name.clone());
+        let result = self.controller_create_topic_inner(&topic).await;
+        self.creating.borrow_mut().remove(&topic.name);
+        result.map(|()| topic)
+    }
+
+    async fn controller_create_topic_inner(&self, topic: &TopicInfo) -> Result<(), TopicError> {
+        let storage_error = |e: String| TopicError::new(code::KAFKA_STORAGE_ERROR, e);
+        TopicStore::new(&self.log_dir)
+            .save(topic)
+            .map_err(|e| storage_error(format!("saving topic definition: {e}")))?;
+        // Open every owner's logs before the topic becomes visible, so that no client learns of a
+        // leader that does not yet have the partition.
+        for shard in 0..self.shard_count {
+            let info = topic.clone();
+            let opened = self
+                .ctx
+                .run_on(shard, move || async move {
+                    current()
+                        .open_owned_partitions(&info)
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .await
+                .map_err(|e| storage_error(format!("shard {shard} unreachable: {e}")))?;
+            opened.map_err(storage_error)?;
+        }
+        let snapshot = Arc::new(self.topics().with_topic(topic.clone()));
+        self.publish_topics(snapshot).await;
+        info!(topic = %topic.name, partitions = topic.partitions, id = %topic.id, "topic created");
+        Ok(())
+    }
+
+    /// Deletes a topic, wherever the request arrived: the work runs on the controller (shard 0).
+    pub async fn delete_topic(&self, name: String) -> Result<TopicInfo, TopicError> {
+        if self.shard == 0 {
+            return self.controller_delete_topic(name).await;
+        }
+        self.ctx
+            .run_on(0, move || async move {
+                current().controller_delete_topic(name).await
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(TopicError::new(
+                    code::UNKNOWN_SERVER_ERROR,
+                    format!("controller unreachable: {e}"),
+                ))
+            })
+    }
+
+    async fn controller_delete_topic(&self, name: String) -> Result<TopicInfo, TopicError> {
+        let Some(topic) = self.topics().get(&name).cloned() else {
+            return Err(TopicError::new(
+                code::UNKNOWN_TOPIC_OR_PARTITION,
+                format!("Topic '{name}' does not exist."),
+            ));
+        };
+        // Hide the topic first, so no new request starts on it, then drop its definition and data.
+        let snapshot = Arc::new(self.topics().without_topic(&name));
+        self.publish_topics(snapshot).await;
+        TopicStore::new(&self.log_dir).remove(&name).map_err(|e| {
+            TopicError::new(
+                code::KAFKA_STORAGE_ERROR,
+                format!("removing topic definition: {e}"),
+            )
+        })?;
+        for shard in 0..self.shard_count {
+            let topic_name = name.clone();
+            let partitions = topic.partitions;
+            let _ = self
+                .ctx
+                .run_on(shard, move || async move {
+                    current().drop_partitions(&topic_name, partitions).await
+                })
+                .await;
+        }
+        info!(topic = %name, "topic deleted");
+        Ok((*topic).clone())
+    }
+
+    /// Closes and removes this shard's logs of a deleted topic. A fetch still sending from one of its
+    /// segments keeps that file open until the send ends; the directory is gone already.
+    async fn drop_partitions(&self, topic: &str, partitions: i32) {
+        // Committed offsets of a deleted topic go with it, on every coordinator.
+        self.groups.forget_topic(topic).await;
+        for partition in 0..partitions {
+            let Some(log) = self
+                .logs
+                .borrow_mut()
+                .remove(&(topic.to_string(), partition))
+            else {
+                continue;
+            };
+            if let Err(e) = log.delete().await {
+                error!(topic, partition, error = %e, "deleting partition data failed");
+            }
+        }
+    }
+
+    async fn publish_topics(&self, snapshot: Arc<TopicsSnapshot>) {
+        for shard in 0..self.shard_count {
+            let snapshot = snapshot.clone();
+            if let Err(e) = self
+                .ctx
+                .run_on(
+                    shard,
+                    move || async move { current().install_topics(snapshot) },
+                )
+                .await
+            {
+                error!(shard, error = %e, "could not publish the topic table");
+            }
+        }
+    }
+
+    /// Periodic work on this shard's logs: time-based flush and roll, and retention.
+    fn start_housekeeping(self: Rc<Self>) {
+        let tick_broker = self.clone();
+        compio::runtime::spawn(async move {
+            loop {
+                compio::time::sleep(Duration::from_millis(100)).await;
+                if tick_broker.stopping.get() {
+                    break;
+                }
+                let now = now_ms();
+                for ((topic, partition), log) in tick_broker.owned_logs() {
+                    if let Err(e) = log.tick(now).await {
+                        error!(%topic, partition, error = %e, "flush/roll failed");
+                    }
+                }
+            }
+        })
+        .detach();
+        let group_broker = self.clone();
+        compio::runtime::spawn(async move {
+            let mut last_flush = std::time::Instant::now();
+            loop {
+                compio::time::sleep(Duration::from_millis(50)).await;
+                if group_broker.stopping.get() {
+                    break;
+                }
+                group_broker.groups.tick().await;
+                // The offsets log is written before each answer; this makes it durable against a
+                // machine crash too, once a second.
+                if last_flush.elapsed() >= Duration::from_secs(1) {
+                    last_flush = std::time::Instant::now();
+                    if let Err(e) = group_broker.groups.flush().await {
+                        error!(error = %e, "flushing the offsets log failed");
+                    }
+                }
+            }
+        })
+        .detach();
+        let retention_broker = self;
+        compio::runtime::spawn(async move {
+            let interval = Duration::from_millis(
+                retention_broker
+                    .config
+                    .log_retention_check_interval_ms
+                    .max(1),
+            );
+            loop {
+                compio::time::sleep(interval).await;
+                if retention_broker.stopping.get() {
+                    break;
+                }
+                retention_broker.enforce_retention().await;
+            }
+        })
+        .detach();
+    }
+
+    async fn enforce_retention(&self) {
+        let now = now_ms();
+        for ((topic, partition), log) in self.owned_logs() {
+            match log.enforce_retention(now).await {
+                Ok(outcome) => {
+                    if outcome.deleted_segments > 0 {
+                        info!(%topic, partition, segments = outcome.deleted_segments,
+                              log_start_offset = log.log_start_offset(), "retention deleted segments");
+                    }
+                }
+                Err(e) => error!(%topic, partition, error = %e, "retention failed"),
+            }
+        }
+    }
+
+    async fn shutdown(&self) {
+        self.stopping.set(true);
+        if let Err(e) = self.groups.flush().await {
+            error!(error = %e, "flushing the offsets log failed");
+        }
+        for ((topic, partition), log) in self.owned_logs() {
+            if let Err(e) = log.close().await {
+                error!(%topic, partition, error = %e, "closing log failed");
+            }
+        }
+        info!(shard = self.shard, "shard stopped");
+    }
+}
+
+fn group_settings(config: &Config) -> GroupSettings {
+    GroupSettings {
+        initial_rebalance_delay_ms: config.group_initial_rebalance_delay_ms,
+        min_session_timeout_ms: config.group_min_session_timeout_ms.min(i32::MAX as u64) as i32,
+        max_session_timeout_ms: config.group_max_session_timeout_ms.min(i32::MAX as u64) as i32,
+        offsets_retention_ms: config.offsets_retention_minutes.saturating_mul(60_000),
+        offset_metadata_max_bytes: 4096,
+        max_group_size: 10_000,
+        compaction_min_bytes: 16 * 1024 * 1024,
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Every request kind the handler answers; `protocol`'s ApiVersions table must list exactly these.
+pub const HANDLED_APIS: &[ApiKey] = &[
+    ApiKey::ApiVersions,
+    ApiKey::Metadata,
+    ApiKey::Produce,
+    ApiKey::Fetch,
+    ApiKey::ListOffsets,
+    ApiKey::CreateTopics,
+    ApiKey::DeleteTopics,
+    ApiKey::DescribeConfigs,
+    ApiKey::FindCoordinator,
+    ApiKey::JoinGroup,
+    ApiKey::SyncGroup,
+    ApiKey::Heartbeat,
+    ApiKey::LeaveGroup,
+    ApiKey::OffsetCommit,
+    ApiKey::OffsetFetch,
+    ApiKey::DescribeGroups,
+    ApiKey::ListGroups,
+    ApiKey::DeleteGroups,
+    ApiKey::OffsetDelete,
+];

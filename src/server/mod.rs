@@ -1,0 +1,253 @@
+//! server: each shard's listener and connections. It cuts the byte stream into size-prefixed
+//! frames, hands each frame to the shard's [`Handler`], and writes the replies back in request
+//! order, sending file ranges by splice (or copy) through `shard::pipe`.
+//!
+//! The server knows no Kafka: a request is an opaque frame, a reply is a list of byte and file
+//! parts that already carry their own size prefix. Limits, all from the configuration: frame size
+//! (`socket.request.max.bytes`, a larger frame closes that connection), connections per shard
+//! (`ringbroker.max.connections.per.shard`, extra connections are closed on accept) and bytes read
+//! ahead but not yet answered per connection (`ringbroker.connection.max.inflight.bytes`).
+
+mod connection;
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::pin::pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::{Either, select};
+
+use crate::shard::pipe::{FileSender, SendStats};
+use crate::shard::{ShardContext, StopSignal};
+
+/// One part of a reply: bytes from memory, or a range of an open file sent without copying.
+pub enum OutPart {
+    Bytes(Bytes),
+    File(FileSlice),
+}
+
+/// A range of an open file. The `Rc` keeps the descriptor open until the bytes are sent, even if
+/// the file is deleted meanwhile (log retention).
+#[derive(Clone)]
+pub struct FileSlice {
+    pub fd: Rc<dyn AsRawFd>,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl std::fmt::Debug for FileSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSlice")
+            .field("fd", &self.fd.as_raw_fd())
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// What to do after a request.
+pub enum Reply {
+    /// Nothing is sent (e.g. a produce with acks=0).
+    None,
+    /// Send these parts, in order; together they form one response frame.
+    Send(Vec<OutPart>),
+    /// Send these parts, then close the connection.
+    SendThenClose(Vec<OutPart>),
+    /// Close the connection without replying.
+    Close,
+}
+
+/// Who sent a request: the shard serving the connection, the peer, and a node-wide unique id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionInfo {
+    pub shard: usize,
+    pub peer: SocketAddr,
+    pub id: u64,
+}
+
+/// The request handler of one shard. It lives on the shard's thread (it may be `!Send`) and is
+/// shared by all of that shard's connections; a connection awaits one `handle` at a time.
+#[allow(async_fn_in_trait)]
+pub trait Handler: 'static {
+    /// One request frame without its 4-byte size prefix; the reply's parts already include the
+    /// size prefix.
+    async fn handle(&self, conn: &ConnectionInfo, request: Bytes) -> Reply;
+    /// Flush, write clean-shutdown markers; called once per shard on SIGTERM/SIGINT, after the
+    /// shard's connections have drained (or the drain timed out).
+    async fn shutdown(&self);
+}
+
+/// Builds each shard's handler on that shard's thread.
+#[allow(async_fn_in_trait)]
+pub trait HandlerFactory: Send + Sync + 'static {
+    type Handler: Handler;
+    async fn create(&self, ctx: ShardContext) -> anyhow::Result<Self::Handler>;
+}
+
+/// How a shard's server ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeSummary {
+    pub connections_accepted: u64,
+    pub connections_refused: u64,
+    /// Connections still open when the drain timeout expired (they are dropped with the shard).
+    pub connections_abandoned: usize,
+}
+
+/// The per-shard state shared by the listener and every connection.
+pub(crate) struct ShardServer<H> {
+    pub(crate) ctx: ShardContext,
+    pub(crate) handler: Rc<H>,
+    pub(crate) files: Rc<FileSender>,
+    pub(crate) stop: StopSignal,
+    live_connections: Cell<usize>,
+    /// Woken (a token is left) whenever a connection closes, for the shutdown drain.
+    closed_tx: flume::Sender<()>,
+    closed_rx: flume::Receiver<()>,
+}
+
+thread_local! {
+    /// This shard's file sender, so handlers and tests can read its counters.
+    static FILE_SENDER: RefCell<Option<Rc<FileSender>>> = const { RefCell::new(None) };
+}
+
+/// The splice/copy counters and open pipes of the shard this is called on (`None` outside a
+/// serving shard).
+pub fn shard_send_stats() -> Option<(SendStats, usize)> {
+    FILE_SENDER.with(|cell| {
+        cell.borrow()
+            .as_ref()
+            .map(|files| (files.stats(), files.live_pipes()))
+    })
+}
+
+/// Serves one shard: accepts on `listener` until `stop` fires, then stops accepting, lets each
+/// connection answer the requests it has already read, and waits for them to close for at most
+/// `ringbroker.shutdown.timeout.ms`. Does not call `Handler::shutdown` (the node does, once every
+/// shard has drained, so that cross-shard calls still work while others drain).
+pub async fn serve<H: Handler>(
+    ctx: ShardContext,
+    listener: std::net::TcpListener,
+    handler: Rc<H>,
+    stop: StopSignal,
+) -> std::io::Result<ServeSummary> {
+    let config = ctx.config().clone();
+    let files = Rc::new(FileSender::new(
+        config.pipe_pool_size,
+        config.pipe_size_bytes as usize,
+        u64::from(config.fetch_splice_min_bytes),
+    ));
+    FILE_SENDER.with(|cell| *cell.borrow_mut() = Some(files.clone()));
+    let listener = compio::net::TcpListener::from_std(listener)?;
+    let (closed_tx, closed_rx) = flume::bounded(1);
+    let server = Rc::new(ShardServer {
+        ctx,
+        handler,
+        files,
+        stop: stop.clone(),
+        live_connections: Cell::new(0),
+        closed_tx,
+        closed_rx,
+    });
+    let shard = server.ctx.shard_id();
+    let mut summary = ServeSummary {
+        connections_accepted: 0,
+        connections_refused: 0,
+        connections_abandoned: 0,
+    };
+    let mut next_sequence: u64 = 0;
+    loop {
+        let accepted = match select(pin!(listener.accept()), pin!(stop.wait())).await {
+            Either::Left((accepted, _)) => accepted,
+            Either::Right(_) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on the same error.
+                tracing::warn!(shard, %error, "accept failed");
+                compio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if server.live_connections.get() >= config.max_connections_per_shard {
+            summary.connections_refused += 1;
+            tracing::warn!(
+                shard,
+                %peer,
+                limit = config.max_connections_per_shard,
+                "refusing connection: ringbroker.max.connections.per.shard reached"
+            );
+            drop(stream);
+            continue;
+        }
+        summary.connections_accepted += 1;
+        // Shard number in the top 16 bits keeps ids unique across the node.
+        let id = ((shard as u64) << 48) | (next_sequence & ((1 << 48) - 1));
+        next_sequence += 1;
+        let info = ConnectionInfo { shard, peer, id };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(shard, %peer, %error, "cannot set TCP_NODELAY");
+        }
+        server
+            .live_connections
+            .set(server.live_connections.get() + 1);
+        let task_server = server.clone();
+        compio::runtime::spawn(async move {
+            let _guard = LiveGuard(&task_server);
+            connection::run(&task_server, stream, info).await;
+        })
+        .detach();
+    }
+    drop(listener);
+    let open = server.live_connections.get();
+    tracing::info!(
+        shard,
+        open_connections = open,
+        "stopped accepting; draining connections"
+    );
+    let deadline = Instant::now() + Duration::from_millis(config.shutdown_timeout_ms);
+    while server.live_connections.get() > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero()
+            || compio::time::timeout(wait, server.closed_rx.recv_async())
+                .await
+                .is_err()
+        {
+            break;
+        }
+    }
+    summary.connections_abandoned = server.live_connections.get();
+    if summary.connections_abandoned > 0 {
+        tracing::warn!(
+            shard,
+            connections = summary.connections_abandoned,
+            "shutdown timeout: closing connections with requests still in progress"
+        );
+    }
+    Ok(summary)
+}
+
+/// Counts a connection as live until its task ends, however it ends.
+struct LiveGuard<'a, H>(&'a ShardServer<H>);
+
+impl<H> Drop for LiveGuard<'_, H> {
+    fn drop(&mut self) {
+        let server = self.0;
+        server
+            .live_connections
+            .set(server.live_connections.get() - 1);
+        let _ = server.closed_tx.try_send(());
+    }
+}
+
+/// Runs `future` unless `stop` fires first.
+pub(crate) async fn unless_stopped<F: Future>(stop: &StopSignal, future: F) -> Option<F::Output> {
+    match select(pin!(future), pin!(stop.wait())).await {
+        Either::Left((output, _)) => Some(output),
+        Either::Right(_) => None,
+    }
+}

@@ -1,0 +1,395 @@
+//! storage::disk: the one seam through which the partition log does all file IO, plus the fault
+//! injector that tests plug into it (short writes, ENOSPC, EIO on write or fdatasync, a crash at any
+//! write boundary).
+//!
+//! Every call runs on the shard's compio runtime (io_uring). Writes are buffered (no O_DIRECT) so the
+//! page cache feeds the splice-based fetch path. Listing a directory is the one blocking call: io_uring
+//! has no getdents, and it only happens while a partition is opened or deleted.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use compio::BufResult;
+use compio::fs::{File, OpenOptions};
+use compio::io::{AsyncReadAt, AsyncWriteAt};
+
+/// The kinds of operation a fault can be attached to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoKind {
+    Write,
+    Sync,
+    SetLen,
+    Open,
+    Rename,
+    Remove,
+    Read,
+}
+
+const IO_KINDS: usize = 7;
+
+impl IoKind {
+    fn slot(self) -> usize {
+        self as usize
+    }
+}
+
+/// What happens to an operation a rule hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The call fails with this errno (e.g. `libc::ENOSPC`, `libc::EIO`) and does nothing.
+    Errno(i32),
+    /// A write stores at most this many bytes and reports the short count (must be > 0).
+    ShortWrite(usize),
+    /// The process "dies" during this write: only the first `keep_bytes` reach the file and every later
+    /// operation of any kind fails with EIO, as if nothing after this point ever happened.
+    Crash { keep_bytes: usize },
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    kind: IoKind,
+    /// Operations of `kind` to let through before the rule fires.
+    skip: u64,
+    fault: Fault,
+    /// Operations the rule still hits once it fires.
+    remaining: u64,
+}
+
+/// Faults to inject into a `Disk`. Lives on one thread like the log; tests keep an `Rc` to add rules
+/// while the log runs.
+#[derive(Debug, Default)]
+pub struct FaultInjector {
+    counts: [Cell<u64>; IO_KINDS],
+    rules: RefCell<Vec<Rule>>,
+    crashed: Cell<bool>,
+}
+
+impl FaultInjector {
+    pub fn new() -> Rc<FaultInjector> {
+        Rc::new(FaultInjector::default())
+    }
+
+    /// After `skip` more operations of `kind` succeed, the next `times` operations of that kind get `fault`.
+    pub fn inject(&self, kind: IoKind, skip: u64, fault: Fault, times: u64) {
+        self.rules.borrow_mut().push(Rule {
+            kind,
+            skip,
+            fault,
+            remaining: times,
+        });
+    }
+
+    /// Removes every pending rule (a crash, once it happened, stays).
+    pub fn clear(&self) {
+        self.rules.borrow_mut().clear();
+    }
+
+    /// How many operations of `kind` went through this injector so far.
+    pub fn count(&self, kind: IoKind) -> u64 {
+        self.counts[kind.slot()].get()
+    }
+
+    /// Whether a `Fault::Crash` has fired.
+    pub fn crashed(&self) -> bool {
+        self.crashed.get()
+    }
+
+    /// Counts the operation and returns the fault to apply to it, if any.
+    fn next(&self, kind: IoKind) -> Option<Fault> {
+        let counter = &self.counts[kind.slot()];
+        counter.set(counter.get() + 1);
+        if self.crashed.get() {
+            return Some(Fault::Errno(libc::EIO));
+        }
+        let mut rules = self.rules.borrow_mut();
+        let mut hit = None;
+        for rule in rules.iter_mut().filter(|rule| rule.kind == kind) {
+            if rule.skip > 0 {
+                rule.skip -= 1;
+                continue;
+            }
+            if hit.is_none() && rule.remaining > 0 {
+                rule.remaining -= 1;
+                hit = Some(rule.fault);
+            }
+        }
+        rules.retain(|rule| rule.remaining > 0);
+        hit
+    }
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// The file-system seam. Cheap to clone; a real disk carries no state, a faulty one shares its injector.
+#[derive(Debug, Clone, Default)]
+pub struct Disk {
+    faults: Option<Rc<FaultInjector>>,
+}
+
+impl Disk {
+    /// The real file system, no faults.
+    pub fn real() -> Disk {
+        Disk { faults: None }
+    }
+
+    /// The real file system with faults from `injector` applied on top.
+    pub fn with_faults(injector: Rc<FaultInjector>) -> Disk {
+        Disk {
+            faults: Some(injector),
+        }
+    }
+
+    fn fault(&self, kind: IoKind) -> Option<Fault> {
+        self.faults
+            .as_ref()
+            .and_then(|injector| injector.next(kind))
+    }
+
+    fn plain_fault(&self, kind: IoKind) -> io::Result<()> {
+        match self.fault(kind) {
+            Some(Fault::Errno(code)) => Err(errno(code)),
+            Some(Fault::Crash { .. }) => {
+                if let Some(injector) = &self.faults {
+                    injector.crashed.set(true);
+                }
+                Err(errno(libc::EIO))
+            }
+            Some(Fault::ShortWrite(_)) | None => Ok(()),
+        }
+    }
+
+    /// Opens a file for reading and writing, creating it if `create` is set.
+    pub async fn open_rw(&self, path: &Path, create: bool) -> io::Result<File> {
+        self.plain_fault(IoKind::Open)?;
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .open(path)
+            .await
+    }
+
+    /// Opens a file read-only.
+    pub async fn open_read(&self, path: &Path) -> io::Result<File> {
+        self.plain_fault(IoKind::Open)?;
+        OpenOptions::new().read(true).open(path).await
+    }
+
+    /// One positional write; may store fewer bytes than given (the count says how many).
+    pub async fn write_at(
+        &self,
+        file: &File,
+        buf: Vec<u8>,
+        position: u64,
+    ) -> BufResult<usize, Vec<u8>> {
+        match self.fault(IoKind::Write) {
+            Some(Fault::Errno(code)) => return BufResult(Err(errno(code)), buf),
+            Some(Fault::ShortWrite(max)) if max < buf.len() => {
+                let part = buf[..max.max(1)].to_vec();
+                let BufResult(result, _) = (&mut &*file).write_at(part, position).await;
+                return BufResult(result, buf);
+            }
+            Some(Fault::Crash { keep_bytes }) => {
+                if keep_bytes > 0 {
+                    let part = buf[..keep_bytes.min(buf.len())].to_vec();
+                    let BufResult(_, _) = (&mut &*file).write_at(part, position).await;
+                }
+                if let Some(injector) = &self.faults {
+                    injector.crashed.set(true);
+                }
+                return BufResult(Err(errno(libc::EIO)), buf);
+            }
+            Some(Fault::ShortWrite(_)) | None => {}
+        }
+        (&mut &*file).write_at(buf, position).await
+    }
+
+    /// Writes all of `buf` at `position`, looping over short writes. On error the file may hold any
+    /// prefix of `buf`; the caller rolls back.
+    pub async fn write_all_at(&self, file: &File, buf: Vec<u8>, position: u64) -> io::Result<()> {
+        let total = buf.len();
+        let BufResult(result, buf) = self.write_at(file, buf, position).await;
+        let mut written = result?;
+        // Short writes are rare (signals, quotas, injected faults); only then is the rest copied.
+        // Bounded: each round stores at least one byte or returns an error.
+        while written < total {
+            if written == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "write stored no bytes",
+                ));
+            }
+            let rest = buf[written..].to_vec();
+            let BufResult(result, _) = self.write_at(file, rest, position + written as u64).await;
+            let count = result?;
+            if count == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "write stored no bytes",
+                ));
+            }
+            written += count;
+        }
+        Ok(())
+    }
+
+    /// Writes the concatenation of `parts` at `position` as one positional `writev`, looping over short
+    /// writes; on error the file may hold any prefix, as with `write_all_at`. The append path hands the
+    /// client's batch bytes here untouched beside small patched headers, so the batch is never copied.
+    /// With a fault injector the parts are joined and go through `write_all_at`, so every rule (short
+    /// write, crash with `keep_bytes`) sees and counts exactly one write per call, as before.
+    pub async fn write_all_parts_at(
+        &self,
+        file: &File,
+        parts: Vec<Bytes>,
+        position: u64,
+    ) -> io::Result<()> {
+        if self.faults.is_some() {
+            return self.write_all_at(file, parts.concat(), position).await;
+        }
+        let total: usize = parts.iter().map(Bytes::len).sum();
+        let BufResult(result, parts) = (&mut &*file).write_vectored_at(parts, position).await;
+        let written = result?;
+        if written < total {
+            // Short writes are rare (signals, quotas); only then is the rest copied into one buffer.
+            if written == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "write stored no bytes",
+                ));
+            }
+            let rest = parts.concat()[written..].to_vec();
+            return self
+                .write_all_at(file, rest, position + written as u64)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `position`; fewer only at end of file.
+    pub async fn read_at(&self, file: &File, len: usize, position: u64) -> io::Result<Vec<u8>> {
+        self.plain_fault(IoKind::Read)?;
+        let mut out: Vec<u8> = Vec::with_capacity(len);
+        // A read may return fewer bytes than asked even before the end of the file; loop until the
+        // buffer is full or a read returns nothing. Bounded: each round adds at least one byte.
+        while out.len() < len {
+            let want = len - out.len();
+            let BufResult(result, chunk) = file
+                .read_at(Vec::with_capacity(want), position + out.len() as u64)
+                .await;
+            let count = result?;
+            if count == 0 {
+                break;
+            }
+            out.extend_from_slice(&chunk[..count.min(chunk.len())]);
+        }
+        Ok(out)
+    }
+
+    /// fdatasync.
+    pub async fn sync_data(&self, file: &File) -> io::Result<()> {
+        self.plain_fault(IoKind::Sync)?;
+        file.sync_data().await
+    }
+
+    /// ftruncate.
+    pub async fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
+        self.plain_fault(IoKind::SetLen)?;
+        file.set_len(len).await
+    }
+
+    /// The current size of an open file.
+    pub async fn file_len(&self, file: &File) -> io::Result<u64> {
+        Ok(file.metadata().await?.len())
+    }
+
+    pub async fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.plain_fault(IoKind::Remove)?;
+        compio::fs::remove_file(path).await
+    }
+
+    pub async fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        self.plain_fault(IoKind::Remove)?;
+        compio::fs::remove_dir(path).await
+    }
+
+    pub async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.plain_fault(IoKind::Rename)?;
+        compio::fs::rename(from, to).await
+    }
+
+    pub async fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        compio::fs::create_dir_all(path).await
+    }
+
+    /// fsyncs a directory so that creations, renames and removals inside it survive a power loss.
+    pub async fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.plain_fault(IoKind::Sync)?;
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(path)
+            .await?;
+        dir.sync_all().await
+    }
+
+    /// Whether a path exists (file or directory).
+    pub async fn exists(&self, path: &Path) -> io::Result<bool> {
+        match compio::fs::metadata(path).await {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The names of the entries of a directory. Blocking (see the module comment).
+    pub fn list_dir(&self, path: &Path) -> io::Result<Vec<(String, bool)>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            let is_dir = entry.file_type()?.is_dir();
+            if let Some(name) = entry.file_name().to_str() {
+                names.push((name.to_owned(), is_dir));
+            }
+        }
+        Ok(names)
+    }
+
+    /// Reads a whole small file (checkpoint, metadata); `None` if it does not exist.
+    pub async fn read_small_file(
+        &self,
+        path: &Path,
+        limit_bytes: usize,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let file = match self.open_read(path).await {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let bytes = self.read_at(&file, limit_bytes, 0).await?;
+        Ok(Some(bytes))
+    }
+
+    /// Replaces `path` with `bytes` atomically and durably: write a temporary file, fdatasync it, rename
+    /// it over the target, fsync the directory (Kafka's `CheckpointFile` does the same).
+    pub async fn write_file_atomically(&self, path: &Path, bytes: Vec<u8>) -> io::Result<()> {
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(".tmp");
+        let temporary = PathBuf::from(temporary);
+        let file = self.open_rw(&temporary, true).await?;
+        self.set_len(&file, 0).await?;
+        self.write_all_at(&file, bytes, 0).await?;
+        self.sync_data(&file).await?;
+        drop(file);
+        self.rename(&temporary, path).await?;
+        if let Some(parent) = path.parent() {
+            self.sync_dir(parent).await?;
+        }
+        Ok(())
+    }
+}
