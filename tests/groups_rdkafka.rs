@@ -440,58 +440,75 @@ fn auto_offset_reset_earliest_and_latest() {
 }
 
 /// A static member (group.instance.id) that restarts within its session timeout gets its partitions
-/// back without a rebalance: the other member sees no revocation.
+/// back without a rebalance: the other member sees no revocation. Both roles are restarted, the
+/// group leader first (the first member to join leads), then the follower.
 #[test]
 fn static_members_rejoin_without_a_rebalance() {
     let broker = Broker::start(1, GROUP_OVERRIDES);
     let bootstrap = broker.bootstrap();
     create_topic(&bootstrap, "static", 4, &[]);
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let a = Member::start(
-        &bootstrap,
-        "statics",
-        "static",
-        0,
-        seen.clone(),
-        &[("group.instance.id", "a")],
+    let start = |id: usize, instance: &'static str| {
+        Member::start(
+            &bootstrap,
+            "statics",
+            "static",
+            id,
+            seen.clone(),
+            &[("group.instance.id", instance)],
+        )
+    };
+    let leader = start(0, "leader");
+    wait_until(
+        "the leader to own everything",
+        Duration::from_secs(30),
+        || leader.assigned().len() == 4,
     );
-    let b = Member::start(
-        &bootstrap,
-        "statics",
-        "static",
-        1,
-        seen.clone(),
-        &[("group.instance.id", "b")],
-    );
+    let follower = start(1, "follower");
     wait_until("a 2/2 split", Duration::from_secs(30), || {
-        a.assigned().len() == 2 && b.assigned().len() == 2
+        leader.assigned().len() == 2 && follower.assigned().len() == 2
     });
     std::thread::sleep(Duration::from_millis(1000));
-    let rebalances_before = a.tracker.rebalances.load(Ordering::SeqCst);
-    let b_partitions = b.assigned();
-    b.stop();
-    let b2 = Member::start(
-        &bootstrap,
-        "statics",
-        "static",
-        2,
-        seen.clone(),
-        &[("group.instance.id", "b")],
-    );
-    wait_until("b to come back", Duration::from_secs(30), || {
-        b2.assigned().len() == 2
+
+    // Restart the leader: the follower keeps its partitions and sees no rebalance.
+    let follower_rebalances = follower.tracker.rebalances.load(Ordering::SeqCst);
+    let leader_partitions = leader.assigned();
+    leader.stop();
+    let leader = start(2, "leader");
+    wait_until("the leader to come back", Duration::from_secs(30), || {
+        leader.assigned().len() == 2
     });
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        b2.assigned(),
-        b_partitions,
-        "same partitions after the restart"
+        leader.assigned(),
+        leader_partitions,
+        "the leader gets the same partitions after its restart"
     );
     assert_eq!(
-        a.tracker.rebalances.load(Ordering::SeqCst),
-        rebalances_before,
-        "a saw no rebalance"
+        follower.tracker.rebalances.load(Ordering::SeqCst),
+        follower_rebalances,
+        "the follower saw no rebalance when the leader restarted"
     );
-    a.stop();
-    b2.stop();
+
+    // Restart the follower: the (restarted) leader sees no rebalance.
+    let leader_rebalances = leader.tracker.rebalances.load(Ordering::SeqCst);
+    let follower_partitions = follower.assigned();
+    follower.stop();
+    let follower = start(3, "follower");
+    wait_until("the follower to come back", Duration::from_secs(30), || {
+        follower.assigned().len() == 2
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        follower.assigned(),
+        follower_partitions,
+        "the follower gets the same partitions after its restart"
+    );
+    assert_eq!(
+        leader.tracker.rebalances.load(Ordering::SeqCst),
+        leader_rebalances,
+        "the leader saw no rebalance when the follower restarted"
+    );
+    leader.stop();
+    follower.stop();
 }

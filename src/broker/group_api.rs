@@ -147,6 +147,7 @@ impl ShardBroker {
                     .map(|p| (p.name.to_string(), p.metadata))
                     .collect(),
                 require_known_member_id: version >= 4,
+                supports_skip_assignment: version >= 9,
             })
             .await;
         JoinGroupResponse::default()
@@ -156,6 +157,7 @@ impl ShardBroker {
             .with_protocol_name(outcome.protocol_name.map(s))
             .with_leader(s(outcome.leader))
             .with_member_id(s(outcome.member_id))
+            .with_skip_assignment(outcome.skip_assignment)
             .with_members(
                 outcome
                     .members

@@ -97,6 +97,9 @@ pub struct JoinOutcome {
     pub member_id: String,
     /// Only the leader gets the members and their metadata for the chosen protocol.
     pub members: Vec<(String, Option<String>, Bytes)>,
+    /// KIP-814 (JoinGroup v9+): a static leader that rejoined a Stable group gets the members so
+    /// it can track metadata, but must not compute a new assignment.
+    pub skip_assignment: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -176,6 +179,21 @@ struct Group {
 }
 
 impl Group {
+    /// Every member with its metadata for the chosen protocol, as the leader is sent them.
+    fn member_list(&self) -> Vec<(String, Option<String>, Bytes)> {
+        let protocol = self.protocol_name.clone().unwrap_or_default();
+        self.members
+            .values()
+            .map(|m| {
+                (
+                    m.id.clone(),
+                    m.instance_id.clone(),
+                    m.metadata_for(&protocol),
+                )
+            })
+            .collect()
+    }
+
     fn new(id: &str) -> Group {
         Group {
             id: id.to_string(),
@@ -333,6 +351,8 @@ pub struct JoinRequest {
     pub protocols: Vec<(String, Bytes)>,
     /// v4+: a new member must first get an id (MEMBER_ID_REQUIRED) and join again with it.
     pub require_known_member_id: bool,
+    /// v9+: the response can carry `skip_assignment` (KIP-814).
+    pub supports_skip_assignment: bool,
 }
 
 /// One committed offset as OffsetFetch reports it: (partition, offset, leader epoch, metadata).
@@ -414,8 +434,8 @@ impl GroupCoordinator {
                     && let Some(old_id) = group.static_members.get(instance_id).cloned()
                 {
                     // A static member coming back: it takes a new id, keeps its assignment, and the
-                    // old id is fenced. If nothing about it changed and it is not the leader, the
-                    // group stays Stable: no rebalance.
+                    // old id is fenced. If nothing about it changed, the group stays Stable: no
+                    // rebalance, even when it was the leader (KIP-345/KIP-814, as Kafka does).
                     let new_id = format!("{}-{}", instance_id, uuid::Uuid::new_v4());
                     if let Some(mut member) = group.members.remove(&old_id) {
                         let unchanged = member.protocols == request.protocols;
@@ -434,17 +454,33 @@ impl GroupCoordinator {
                         if was_leader {
                             group.leader = Some(new_id.clone());
                         }
-                        if group.state == GroupState::Stable && unchanged && !was_leader {
+                        if group.state == GroupState::Stable && unchanged {
                             info!(group = %group.id, instance = %instance_id, member = %new_id,
-                                  "static member rejoined without a rebalance");
+                                  was_leader, "static member rejoined without a rebalance");
+                            // A leader that can be told to skip the assignment gets the members
+                            // (KIP-814). An older client is given the old leader id instead, so it
+                            // acts as a follower and fetches its unchanged assignment with
+                            // SyncGroup; the next rebalance makes it the leader again.
+                            let skip_assignment = was_leader && request.supports_skip_assignment;
+                            let members = if skip_assignment {
+                                group.member_list()
+                            } else {
+                                Vec::new()
+                            };
+                            let leader = if was_leader && !skip_assignment {
+                                old_id
+                            } else {
+                                group.leader.clone().unwrap_or_default()
+                            };
                             return JoinOutcome {
                                 error: code::NONE,
                                 generation: group.generation,
                                 protocol_type: group.protocol_type.clone(),
                                 protocol_name: group.protocol_name.clone(),
-                                leader: group.leader.clone().unwrap_or_default(),
+                                leader,
                                 member_id: new_id,
-                                members: Vec::new(),
+                                members,
+                                skip_assignment,
                             };
                         }
                         member_id = new_id;
@@ -496,6 +532,7 @@ impl GroupCoordinator {
                     leader: group.leader.clone().unwrap_or_default(),
                     member_id,
                     members: Vec::new(),
+                    skip_assignment: false,
                 };
             }
 
@@ -657,17 +694,7 @@ impl GroupCoordinator {
         group.sync_deadline = Some(now + rebalance_timeout);
         let protocol = group.protocol_name.clone().unwrap_or_default();
         let leader = group.leader.clone().unwrap_or_default();
-        let member_list: Vec<(String, Option<String>, Bytes)> = group
-            .members
-            .values()
-            .map(|m| {
-                (
-                    m.id.clone(),
-                    m.instance_id.clone(),
-                    m.metadata_for(&protocol),
-                )
-            })
-            .collect();
+        let member_list = group.member_list();
         info!(group = %group.id, generation = group.generation, members = member_list.len(), %protocol,
               "join phase complete");
         for member in group.members.values_mut() {
@@ -685,6 +712,7 @@ impl GroupCoordinator {
                     } else {
                         Vec::new()
                     },
+                    skip_assignment: false,
                 });
             }
         }
