@@ -71,6 +71,11 @@ pub struct Control {
     generation: AtomicU64,
     /// Remaining records the producers may create in total; u64::MAX = unlimited.
     record_budget: AtomicU64,
+    /// Epoch microseconds at which the current non-zero rate was set (0 while the rate is 0).
+    /// Acknowledgements of records intended before it belong to an earlier step: the max-rate
+    /// search must not count a failed step's queued records as the next step's throughput.
+    /// Shared with the worker's [`crate::metrics::Meter`]s, which do the counting.
+    rate_start_us: Arc<AtomicU64>,
     /// Workers that finished connecting (consumers: positioned at their start offsets). The
     /// coordinator starts the schedule only when all are ready, so setup is never measured.
     ready: AtomicU64,
@@ -106,8 +111,23 @@ impl Control {
         } else {
             0
         };
+        let start_us = if period > 0 {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0)
+        } else {
+            // Draining (rate 0): every acknowledgement counts, whenever it was intended.
+            0
+        };
+        self.rate_start_us.store(start_us, Ordering::Release);
         self.period_ns.store(period, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The step-start threshold, for the worker's meters.
+    pub fn rate_start(&self) -> Arc<AtomicU64> {
+        self.rate_start_us.clone()
     }
 
     pub fn period_ns(&self) -> u64 {
@@ -262,6 +282,20 @@ mod tests {
         assert_eq!(c.take_budget(10), 10);
         assert_eq!(c.take_budget(10), 5);
         assert_eq!(c.take_budget(10), 0);
+    }
+
+    #[test]
+    fn records_intended_before_a_new_rate_are_stale() {
+        let c = Control::new();
+        let meter = crate::metrics::Meter::for_control(&c);
+        c.set_rate(1000.0);
+        let start = c.rate_start().load(Ordering::Acquire);
+        assert!(start > 0);
+        assert!(meter.is_stale(start - 1));
+        assert!(!meter.is_stale(start));
+        // While draining at rate 0 nothing is stale.
+        c.set_rate(0.0);
+        assert!(!meter.is_stale(1));
     }
 
     #[test]

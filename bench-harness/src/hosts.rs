@@ -83,7 +83,11 @@ impl InProcessHost {
         // Consumers first, so that they are positioned before any record exists.
         for (i, spec) in assignment.consumers.into_iter().enumerate() {
             let core = pick_core(&assignment.consumer_cpus, i);
-            let (meter, control, failure) = (Meter::new(), control.clone(), failure.clone());
+            let (meter, control, failure) = (
+                Meter::for_control(&control),
+                control.clone(),
+                failure.clone(),
+            );
             meters.push(meter.clone());
             let name = format!("rb-consumer-{}", spec.id);
             threads.push(
@@ -105,7 +109,11 @@ impl InProcessHost {
         }
         for (i, spec) in assignment.producers.into_iter().enumerate() {
             let core = pick_core(&assignment.producer_cpus, i);
-            let (meter, control, failure) = (Meter::new(), control.clone(), failure.clone());
+            let (meter, control, failure) = (
+                Meter::for_control(&control),
+                control.clone(),
+                failure.clone(),
+            );
             meters.push(meter.clone());
             let name = format!("rb-producer-{}", spec.id);
             threads.push(

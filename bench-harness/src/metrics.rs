@@ -4,6 +4,7 @@
 //! All latencies are integer microseconds. Histograms track 1 µs .. 1 h with 3 significant
 //! digits (0.1% relative error), HdrHistogram's usual setting.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -35,6 +36,9 @@ pub fn record_clamped(histogram: &mut Histogram<u64>, value_us: u64) {
 #[derive(Clone)]
 pub struct IntervalMetrics {
     pub published_records: u64,
+    /// Of `published_records`, those intended before the current rate was set: a previous
+    /// step's queue draining. Counted for the backlog, excluded from a step's achieved rate.
+    pub stale_published_records: u64,
     pub published_bytes: u64,
     pub publish_errors: u64,
     pub consumed_records: u64,
@@ -52,6 +56,7 @@ impl Default for IntervalMetrics {
     fn default() -> Self {
         IntervalMetrics {
             published_records: 0,
+            stale_published_records: 0,
             published_bytes: 0,
             publish_errors: 0,
             consumed_records: 0,
@@ -67,6 +72,7 @@ impl IntervalMetrics {
     /// Adds another interval's counts and histograms into this one.
     pub fn merge(&mut self, other: &IntervalMetrics) {
         self.published_records += other.published_records;
+        self.stale_published_records += other.stale_published_records;
         self.published_bytes += other.published_bytes;
         self.publish_errors += other.publish_errors;
         self.consumed_records += other.consumed_records;
@@ -86,6 +92,7 @@ impl IntervalMetrics {
     pub fn to_wire(&self) -> WireMetrics {
         WireMetrics {
             published_records: self.published_records,
+            stale_published_records: self.stale_published_records,
             published_bytes: self.published_bytes,
             publish_errors: self.publish_errors,
             consumed_records: self.consumed_records,
@@ -99,6 +106,7 @@ impl IntervalMetrics {
     pub fn from_wire(wire: &WireMetrics) -> anyhow::Result<IntervalMetrics> {
         Ok(IntervalMetrics {
             published_records: wire.published_records,
+            stale_published_records: wire.stale_published_records,
             published_bytes: wire.published_bytes,
             publish_errors: wire.publish_errors,
             consumed_records: wire.consumed_records,
@@ -114,6 +122,8 @@ impl IntervalMetrics {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WireMetrics {
     pub published_records: u64,
+    #[serde(default)]
+    pub stale_published_records: u64,
     pub published_bytes: u64,
     pub publish_errors: u64,
     pub consumed_records: u64,
@@ -149,11 +159,33 @@ pub fn decode_histogram(text: &str) -> anyhow::Result<Histogram<u64>> {
 #[derive(Clone, Default)]
 pub struct Meter {
     inner: Arc<Mutex<IntervalMetrics>>,
+    /// Epoch µs at which the current rate was set (0: nothing is stale); see
+    /// [`crate::driver::Control`].
+    rate_start_us: Arc<AtomicU64>,
 }
 
 impl Meter {
     pub fn new() -> Meter {
         Meter::default()
+    }
+
+    /// A meter that tells a step's records from an earlier step's, by `control`'s rate changes.
+    pub fn for_control(control: &crate::driver::Control) -> Meter {
+        Meter {
+            inner: Default::default(),
+            rate_start_us: control.rate_start(),
+        }
+    }
+
+    /// Whether a record intended at `intended_us` belongs to an earlier rate step.
+    pub fn is_stale(&self, intended_us: u64) -> bool {
+        intended_us < self.rate_start_us.load(Ordering::Acquire)
+    }
+
+    /// How many of `intended` belong to an earlier rate step.
+    pub fn count_stale(&self, intended: &[u64]) -> u64 {
+        let start = self.rate_start_us.load(Ordering::Acquire);
+        intended.iter().filter(|&&t| t < start).count() as u64
     }
 
     /// Runs `f` with the current interval locked. Workers batch their updates (one call per

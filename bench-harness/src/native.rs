@@ -435,6 +435,7 @@ async fn send_produce(
                     record_clamped(&mut m.publish_latency_us, done_us.saturating_sub(intended));
                 }
                 m.published_records += b.intended_us.len() as u64;
+                m.stale_published_records += meter.count_stale(&b.intended_us);
                 m.published_bytes += b.value_bytes;
             }
         });
@@ -488,6 +489,7 @@ async fn read_produce_responses(
                         continue;
                     }
                     m.published_records += b.intended_us.len() as u64;
+                    m.stale_published_records += meter.count_stale(&b.intended_us);
                     m.published_bytes += b.value_bytes;
                     for &intended in &b.intended_us {
                         record_clamped(&mut m.publish_latency_us, ack_us.saturating_sub(intended));

@@ -42,9 +42,13 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, intended_us: usize) {
         let now_us = self.clock.now_epoch_us();
+        let stale = self.meter.is_stale(intended_us as u64);
         self.meter.with(|m| match result {
             Ok(message) => {
                 m.published_records += 1;
+                if stale {
+                    m.stale_published_records += 1;
+                }
                 m.published_bytes += message.payload_len() as u64;
                 // With acks=0 librdkafka reports delivery once the request is written, which is
                 // where the native driver ends acks=0 latency too.

@@ -101,6 +101,10 @@ pub struct RateStep {
     pub target_records_per_s: f64,
     pub achieved_records_per_s: f64,
     pub backlog_growth_records: i64,
+    /// Acknowledgements during this step of records an earlier step had queued; not counted
+    /// in `achieved_records_per_s`.
+    #[serde(default)]
+    pub stale_records: u64,
     pub sustained: bool,
 }
 

@@ -605,7 +605,10 @@ fn max_rate_search(
         let backlog_before = coord.backlog();
         coord.command(WorkerCommand::Rate(rate / producer_count));
         let m = coord.run_for(SEARCH_STEP, "search")?;
-        let achieved = m.published_records as f64 / SEARCH_STEP.as_secs_f64();
+        // Records a failed step left queued are acknowledged during this one: they are not
+        // this rate's throughput.
+        let achieved =
+            (m.published_records - m.stale_published_records) as f64 / SEARCH_STEP.as_secs_f64();
         let growth = coord.backlog() - backlog_before;
         let allowed_growth =
             (rate * SEARCH_STEP.as_secs_f64() * 0.05 * coord.subscriptions.max(1) as f64) as i64;
@@ -616,6 +619,7 @@ fn max_rate_search(
             target_records_per_s: rate,
             achieved_records_per_s: achieved,
             backlog_growth_records: growth,
+            stale_records: m.stale_published_records,
             sustained,
         });
         if sustained {
