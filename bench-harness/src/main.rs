@@ -139,13 +139,13 @@ impl WorkloadFlags {
 struct PlacementFlags {
     /// Cores for all load threads, e.g. 0,1 or 2-3 (pinned round-robin).
     #[arg(long, value_parser = parse_cpus)]
-    cpus: Option<Vec<usize>>,
+    cpus: Option<CpuList>,
     /// Cores for producer threads (overrides --cpus for producers).
     #[arg(long, value_parser = parse_cpus)]
-    producer_cpus: Option<Vec<usize>>,
+    producer_cpus: Option<CpuList>,
     /// Cores for consumer threads (overrides --cpus for consumers).
     #[arg(long, value_parser = parse_cpus)]
-    consumer_cpus: Option<Vec<usize>>,
+    consumer_cpus: Option<CpuList>,
     /// Run producers and consumers in two child processes.
     #[arg(long)]
     separate_processes: bool,
@@ -153,17 +153,26 @@ struct PlacementFlags {
 
 impl PlacementFlags {
     fn options(&self, broker_cpus: Vec<usize>) -> PlacementOptions {
-        let all = self.cpus.clone().unwrap_or_default();
+        let all = self.cpus.clone().map(|c| c.0).unwrap_or_default();
         PlacementOptions {
             separate_processes: self.separate_processes,
-            producer_cpus: self.producer_cpus.clone().unwrap_or_else(|| all.clone()),
-            consumer_cpus: self.consumer_cpus.clone().unwrap_or(all),
+            producer_cpus: self
+                .producer_cpus
+                .clone()
+                .map(|c| c.0)
+                .unwrap_or_else(|| all.clone()),
+            consumer_cpus: self.consumer_cpus.clone().map(|c| c.0).unwrap_or(all),
             broker_cpus,
         }
     }
 }
 
-fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
+/// A core list such as `0,2-3`. A newtype, because clap reads `Option<Vec<T>>` as a repeated
+/// option of single values and would not accept the parser's whole list.
+#[derive(Clone, Debug, PartialEq)]
+struct CpuList(Vec<usize>);
+
+fn parse_cpus(s: &str) -> Result<CpuList, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part.split_once('-') {
@@ -181,7 +190,7 @@ fn parse_cpus(s: &str) -> Result<Vec<usize>, String> {
     if out.is_empty() {
         return Err("empty cpu list".to_string());
     }
-    Ok(out)
+    Ok(CpuList(out))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -226,7 +235,7 @@ struct QuickArgs {
     shards: u32,
     /// Cores to pin the broker process to.
     #[arg(long, value_parser = parse_cpus)]
-    broker_cpus: Option<Vec<usize>>,
+    broker_cpus: Option<CpuList>,
     #[command(flatten)]
     workload: WorkloadFlags,
     #[command(flatten)]
@@ -356,7 +365,7 @@ fn main() -> anyhow::Result<()> {
             };
             let workload = args.workload.build(base)?;
             let binary = broker::locate_broker_binary(args.broker_bin.as_deref())?;
-            let broker_cpus = args.broker_cpus.clone().unwrap_or_default();
+            let broker_cpus = args.broker_cpus.clone().map(|c| c.0).unwrap_or_default();
             let config = broker::BrokerConfig {
                 name: format!("{}-shard", args.shards),
                 shards: args.shards,

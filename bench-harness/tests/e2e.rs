@@ -430,3 +430,55 @@ fn quick_command_prints_the_table() {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
 }
+
+/// `ringbench run` takes core lists from the command line (`--cpus 0`, `--producer-cpus 0-0`)
+/// and records the placement in its report: the flags people pin load with on a small machine.
+#[test]
+fn run_command_pins_load_from_cpu_list_flags() {
+    let _guard = serial();
+    let broker = start_broker(1);
+    let out = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ringbench"))
+        .args(["run", "--quiet", "--bootstrap", &broker.bootstrap()])
+        .args([
+            "--cpus",
+            "0",
+            "--producer-cpus",
+            "0-0",
+            "--consumer-cpus",
+            "0,0",
+        ])
+        .args(["--records", "200", "--rate", "1000", "--partitions", "1"])
+        .args([
+            "--warmup-s",
+            "0",
+            "--duration-s",
+            "2",
+            "--report-name",
+            "pinned",
+        ])
+        .arg("--output-dir")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "run failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Report =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("pinned.json")).unwrap())
+            .unwrap();
+    assert_eq!(report.placement.producer_cpus, vec![0]);
+    assert_eq!(report.placement.consumer_cpus, vec![0, 0]);
+    assert_eq!(report.totals.published_records, 200);
+
+    // A malformed list is a clear error and a non-zero exit, not a panic.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_ringbench"))
+        .args(["run", "--cpus", "3-1"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad cpu range"));
+}

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Runs the first-results benchmark set for docs/benchmarks.md and prints its tables.
+
+Usage (after `cargo build --release --workspace`):
+
+    python3 scripts/bench_first_results.py OUT_DIR [--quick]
+
+What it runs, in one session so every figure can be stated as a fraction of the same ceiling:
+  1. `ringbench ceiling` on the broker's log-dir file system.
+  2. For each record size (100 B, 1 KiB, 16 KiB) and acks (1, all): a fresh one-shard broker pinned
+     to core 0, then ringbench pinned to core 1 searching the maximum sustainable produce+consume
+     rate (rate 0), then a fixed-rate run at 50 % of that rate for the latency percentiles.
+  3. Produce-only maximum rate with the native driver and with librdkafka, one producer on core 1.
+Every command is printed before it runs; reports (JSON + .hgrm) stay in OUT_DIR.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BROKER = os.path.join(ROOT, "target/release/ringbroker")
+RINGBENCH = os.path.join(ROOT, "target/release/ringbench")
+BROKER_CORE = "0"
+LOAD_CORE = "1"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd):
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+class Broker:
+    """A one-shard ringbroker pinned to BROKER_CORE on a fresh data dir."""
+
+    def __init__(self, out_dir, name):
+        self.port = free_port()
+        self.dir = os.path.join(out_dir, "data-" + name)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        cmd = [
+            "taskset", "-c", BROKER_CORE, BROKER, "--shards", "1",
+            "--override", f"listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            "--override", f"log.dir={self.dir}",
+        ]
+        print("$ " + " ".join(cmd), flush=True)
+        self.log = open(os.path.join(out_dir, f"broker-{name}.log"), "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"broker exited with {self.proc.returncode}")
+                time.sleep(0.1)
+        raise RuntimeError("broker did not start listening within 30 s")
+
+    @property
+    def bootstrap(self):
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def ringbench_run(broker, out_dir, name, args):
+    cmd = [
+        "taskset", "-c", LOAD_CORE, RINGBENCH, "run", "--bootstrap", broker.bootstrap,
+        "--cpus", LOAD_CORE, "--output-dir", out_dir, "--report-name", name, "--quiet",
+    ] + args
+    run(cmd)
+    with open(os.path.join(out_dir, name + ".json")) as f:
+        return json.load(f)
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__)
+        sys.exit(2)
+    out_dir = os.path.abspath(sys.argv[1])
+    quick = "--quick" in sys.argv
+    os.makedirs(out_dir, exist_ok=True)
+    search_time = ["--warmup-s", "1", "--duration-s", "3" if quick else "10"]
+    latency_time = ["--warmup-s", "2", "--duration-s", "5" if quick else "20"]
+
+    ceiling_json = os.path.join(out_dir, "ceiling.json")
+    ceiling_dir = os.path.join(out_dir, "ceiling-dir")
+    os.makedirs(ceiling_dir, exist_ok=True)
+    run(["taskset", "-c", BROKER_CORE, RINGBENCH, "ceiling", "--dir", ceiling_dir,
+         "--json", ceiling_json] + (["--bytes", "268435456"] if quick else []))
+    shutil.rmtree(ceiling_dir, ignore_errors=True)
+    with open(ceiling_json) as f:
+        ceiling = json.load(f)
+
+    rows = []
+    sizes = [("100B", "100", "16384"), ("1KiB", "1KiB", "131072"), ("16KiB", "16KiB", "1048576")]
+    for label, size, batch in sizes:
+        for acks in ["1", "all"]:
+            name = f"{label}-acks{acks}"
+            broker = Broker(out_dir, name)
+            try:
+                common = ["--partitions", "4", "--producers", "1", "--subscriptions", "1",
+                          "--record-size", size, "--batch-size", batch, "--acks", acks]
+                found = ringbench_run(broker, out_dir, name + "-max",
+                                      common + ["--rate", "0"] + search_time)
+                max_rate = found["rate"]["target_records_per_s"]
+                half = ringbench_run(broker, out_dir, name + "-half",
+                                     common + ["--rate", str(int(max_rate / 2))] + latency_time)
+            finally:
+                broker.stop()
+            rows.append((name, found, half))
+
+    drivers = []
+    for size in ["100", "1KiB"]:
+        for driver in ["native", "rdkafka"]:
+            name = f"driver-{driver}-{size}"
+            broker = Broker(out_dir, name)
+            try:
+                report = ringbench_run(broker, out_dir, name, [
+                    "--driver", driver, "--partitions", "4", "--producers", "1",
+                    "--subscriptions", "0", "--record-size", size, "--acks", "1",
+                    "--rate", "0"] + search_time)
+            finally:
+                broker.stop()
+            drivers.append((name, report))
+
+    summary = {"ceiling": ceiling, "runs": [], "drivers": []}
+    print()
+    print(f"ceiling: loopback TCP {ceiling['loopback_tcp_gb_per_s']:.2f} GB/s, "
+          f"disk buffered append {ceiling['disk_buffered_append_mb_per_s']:.0f} MB/s, "
+          f"fdatasync/1MiB {ceiling['disk_fdatasync_1mib_mb_per_s']:.0f} MB/s, "
+          f"round trip p50 {ceiling['loopback_round_trip']['p50_ms'] * 1000:.1f} us")
+    print("| run | max rec/s | max MB/s publish | MB/s consume | vs ceiling | "
+          "p50 | p99 | p99.9 | p99.99 ms (publish latency at 50 %) | e2e p99 ms |")
+    for name, found, half in rows:
+        agg = found["aggregate"]
+        mb = agg["publish_rate_mb_per_s"]
+        limit = (ceiling["disk_fdatasync_1mib_mb_per_s"] if name.endswith("all")
+                 else ceiling["disk_buffered_append_mb_per_s"])
+        lat = half["aggregate"]["publish_latency"] or {}
+        e2e = half["aggregate"]["end_to_end_latency"] or {}
+        print(f"| {name} | {found['rate']['target_records_per_s']:.0f} | {mb:.1f} | "
+              f"{agg['consume_rate_mb_per_s']:.1f} | {mb / limit:.2f} | "
+              f"{lat.get('p50_ms', float('nan')):.2f} | {lat.get('p99_ms', float('nan')):.2f} | "
+              f"{lat.get('p99_9_ms', float('nan')):.2f} | {lat.get('p99_99_ms', float('nan')):.2f} | "
+              f"{e2e.get('p99_ms', float('nan')):.2f} |")
+        summary["runs"].append({"name": name, "max": found["rate"], "max_aggregate": agg,
+                                "half_aggregate": half["aggregate"]})
+    for name, report in drivers:
+        agg = report["aggregate"]
+        print(f"| {name} | max {report['rate']['target_records_per_s']:.0f} rec/s | "
+              f"{agg['publish_rate_mb_per_s']:.1f} MB/s |")
+        summary["drivers"].append({"name": name, "max": report["rate"], "aggregate": agg})
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
