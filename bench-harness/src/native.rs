@@ -262,9 +262,12 @@ pub async fn run_producer(
                     if w.keys == crate::workload::Keys::None && p as u32 == sticky_partition {
                         sticky_partition = (sticky_partition + 1) % spec.partitions;
                     }
-                } else {
+                } else if due > now {
                     earliest_linger = Some(earliest_linger.map_or(due, |e: u64| e.min(due)));
                 }
+                // A batch whose linger expired behind a full ready queue waits for a response
+                // to free a slot, not for a timer: a past deadline here made the loop spin
+                // without ever yielding, starving the response reader (a livelock at overload).
             }
         }
         for leader in leaders.values_mut() {

@@ -482,3 +482,36 @@ fn run_command_pins_load_from_cpu_list_flags() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("bad cpu range"));
 }
+
+/// Offered far more than it can send, the native producer keeps publishing in every interval
+/// (it used to livelock once a batch's linger expired behind a full in-flight window: the loop
+/// never yielded, so responses were never read and the publish rate fell to zero).
+#[test]
+fn native_producer_keeps_publishing_when_overloaded() {
+    let _guard = serial();
+    let mut broker = start_broker(1);
+    let out = tempfile::tempdir().unwrap();
+    let mut workload = small_workload("overload");
+    workload.record_size = RecordSize::Fixed(100);
+    workload.rate = Rate::RecordsPerSecond(5_000_000.0);
+    workload.warmup_s = 0.0;
+    workload.duration_s = 4.0;
+    let r = run(&options(
+        &broker.bootstrap(),
+        DriverKind::Native,
+        workload,
+        out.path(),
+    ))
+    .unwrap()
+    .report;
+    broker.stop().unwrap();
+    assert!(r.intervals.len() >= 3, "{} intervals", r.intervals.len());
+    for interval in &r.intervals {
+        assert!(
+            interval.published_records > 0,
+            "no record acknowledged in the interval starting at {} s",
+            interval.start_s
+        );
+    }
+    assert_eq!(r.totals.publish_errors, 0);
+}
