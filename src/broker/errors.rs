@@ -35,6 +35,7 @@ pub mod code {
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = E::OutOfOrderSequenceNumber.code();
     pub const INVALID_PRODUCER_EPOCH: i16 = E::InvalidProducerEpoch.code();
     pub const PRODUCER_FENCED: i16 = E::ProducerFenced.code();
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = E::CoordinatorNotAvailable.code();
 }
 
 pub fn append_error_code(error: &AppendError) -> i16 {
