@@ -340,25 +340,59 @@ fn sigkill_and_restart_mid_run_lose_no_acknowledged_record_and_duplicate_none() 
     let total = 4_000;
     let kills_at = [1_200, 2_600];
     let mut restarted = Vec::new();
-    for index in 1..total {
+    let mut held = 0;
+    let mut index = 0;
+    // Bounded: `index` grows by at least one per round up to `total`.
+    while index + 1 < total {
+        index += 1;
         send(&producer, "survives", index);
         if index % 100 == 0 {
             producer.poll(Duration::from_millis(20));
         }
         if kills_at.contains(&index) {
-            // Records sent just before are in flight: their retries reach the restarted broker,
-            // which must recognise the ones it stored before the kill.
-            producer.poll(Duration::from_millis(50));
+            // Hold back every Produce response for a while: the broker stores the next batches
+            // but the producer hears nothing, so they are in flight when the broker dies and
+            // their retries reach the restarted broker, which must recognise them from the
+            // producer state it restored (snapshot plus log tail).
+            proxy.set_plan(FaultPlan {
+                drop_fraction: 0.0,
+                delay_fraction: 1.0,
+                delay: Duration::from_secs(5),
+                seed: seed(),
+            });
+            let held_from = proxy.stats().delayed.load(Ordering::Relaxed);
+            for extra in 0..100 {
+                send(&producer, "survives", index + 1 + extra);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while proxy.stats().delayed.load(Ordering::Relaxed) == held_from
+                && Instant::now() < deadline
+            {
+                producer.poll(Duration::from_millis(20));
+            }
+            producer.poll(Duration::from_millis(200));
+            held += proxy.stats().delayed.load(Ordering::Relaxed) - held_from;
             broker.kill();
             proxy.cut_all_connections();
             let replacement = Broker::start_on(&data_dir, 2, &overrides);
             proxy.set_upstream(replacement.port);
+            proxy.set_plan(FaultPlan {
+                drop_fraction: 0.05,
+                delay_fraction: 0.0,
+                delay: Duration::ZERO,
+                seed: seed(),
+            });
             // The first broker owns the data dir's temp directory; keep it alive.
             restarted.push(std::mem::replace(&mut broker, replacement));
+            index += 100;
         }
     }
     flush_all_acknowledged(&producer, total);
     print_stats(&proxy);
+    assert!(
+        held >= 2,
+        "only {held} Produce responses were held across the kills"
+    );
     proxy.set_plan(FaultPlan {
         drop_fraction: 0.0,
         delay_fraction: 0.0,
