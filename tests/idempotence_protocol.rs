@@ -272,3 +272,35 @@ fn idempotent_produce_dedups_retries_and_refuses_gaps_and_old_epochs_across_a_re
     // The log holds each batch once: the log end is where the accepted batches put it.
     assert_eq!(client.produce("idem", (id, epoch + 1), 2, 1), (NONE, 10));
 }
+
+#[test]
+fn an_idle_producer_expires_and_may_then_start_at_any_sequence() {
+    // Kafka's behaviour for a producer the partition no longer knows: its batches are accepted
+    // whatever their sequence (KIP-360). Before the expiry the same batch is a gap.
+    let broker = Broker::start(
+        1,
+        &[
+            "producer.id.expiration.ms=1000",
+            "producer.id.expiration.check.interval.ms=100",
+        ],
+    );
+    create_topic(&broker.bootstrap(), "expiring", 1, &[]);
+    let mut client = Client::connect(broker.port);
+    let (_, id, epoch) = client.init_producer_id(4, None);
+    assert_eq!(client.produce("expiring", (id, epoch), 0, 1), (NONE, 0));
+    assert_eq!(
+        client.produce("expiring", (id, epoch), 50, 1).0,
+        OUT_OF_ORDER_SEQUENCE_NUMBER
+    );
+    // Bounded wait: the batch's timestamp is now, the expiration 1 s, the check every 100 ms.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut result = (OUT_OF_ORDER_SEQUENCE_NUMBER, -1);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        result = client.produce("expiring", (id, epoch), 50, 1);
+        if result.0 == NONE {
+            break;
+        }
+    }
+    assert_eq!(result, (NONE, 1), "the producer never expired");
+}
