@@ -129,6 +129,10 @@ pub struct Config {
     pub group_min_session_timeout_ms: u64,
     pub group_max_session_timeout_ms: u64,
     pub offsets_retention_minutes: u64,
+    /// `producer.id.expiration.ms`: a partition forgets an idempotent producer idle this long.
+    pub producer_id_expiration_ms: u64,
+    /// `producer.id.expiration.check.interval.ms`: how often each shard looks for such producers.
+    pub producer_id_expiration_check_interval_ms: u64,
     // ringbroker's own settings.
     pub shard_count: usize,
     pub high_watermark_durable: bool,
@@ -179,6 +183,8 @@ const KNOWN_KEYS: &[&str] = &[
     "group.min.session.timeout.ms",
     "group.max.session.timeout.ms",
     "offsets.retention.minutes",
+    "producer.id.expiration.ms",
+    "producer.id.expiration.check.interval.ms",
     KEY_SHARDS,
     KEY_HW_DURABLE,
     KEY_SPLICE_MIN,
@@ -428,6 +434,19 @@ impl Config {
                 1,
                 i32::MAX as i64,
             )? as u64,
+            // Kafka's bounds: at least 1 ms, at most Int.MaxValue for both.
+            producer_id_expiration_ms: reader.int(
+                "producer.id.expiration.ms",
+                86_400_000,
+                1,
+                i32::MAX as i64,
+            )? as u64,
+            producer_id_expiration_check_interval_ms: reader.int(
+                "producer.id.expiration.check.interval.ms",
+                600_000,
+                1,
+                i32::MAX as i64,
+            )? as u64,
             shard_count,
             high_watermark_durable: reader.bool(KEY_HW_DURABLE, false)?,
             fetch_splice_min_bytes: reader.int(
@@ -522,6 +541,14 @@ impl Config {
             format!(
                 "offsets.retention.minutes = {}",
                 self.offsets_retention_minutes
+            ),
+            format!(
+                "producer.id.expiration.ms = {}",
+                self.producer_id_expiration_ms
+            ),
+            format!(
+                "producer.id.expiration.check.interval.ms = {}",
+                self.producer_id_expiration_check_interval_ms
             ),
             format!("{KEY_SHARDS} = {}", self.shard_count),
             format!("{KEY_HW_DURABLE} = {}", self.high_watermark_durable),
@@ -929,6 +956,16 @@ mod tests {
                 "listeners",
                 "PLAINTEXT://host",
             ),
+            (
+                "producer.id.expiration.ms=0",
+                "producer.id.expiration.ms",
+                "0",
+            ),
+            (
+                "producer.id.expiration.check.interval.ms=3000000000",
+                "producer.id.expiration.check.interval.ms",
+                "3000000000",
+            ),
         ] {
             let err = load(text).unwrap_err();
             let message = err.to_string();
@@ -941,6 +978,19 @@ mod tests {
             load("ringbroker.no.such.key=1"),
             Err(ConfigError::UnknownRingbrokerKey { .. })
         ));
+    }
+
+    #[test]
+    fn producer_id_expiration_keys_default_as_kafka_and_are_read() {
+        let defaults = load("").unwrap().config;
+        assert_eq!(defaults.producer_id_expiration_ms, 86_400_000);
+        assert_eq!(defaults.producer_id_expiration_check_interval_ms, 600_000);
+        let set =
+            load("producer.id.expiration.ms=5000\nproducer.id.expiration.check.interval.ms=100")
+                .unwrap();
+        assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+        assert_eq!(set.config.producer_id_expiration_ms, 5_000);
+        assert_eq!(set.config.producer_id_expiration_check_interval_ms, 100);
     }
 
     #[test]
@@ -1005,6 +1055,6 @@ mod tests {
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 32);
+        assert_eq!(lines.len(), 34);
     }
 }

@@ -378,6 +378,19 @@ fn sample_request(api_key: ApiKey, version: i16) -> RequestKind {
                         ]),
                 ]),
         ),
+        ApiKey::InitProducerId => {
+            // An idempotent (not transactional) producer; v3+ re-initialising a known id.
+            let request = InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_transaction_timeout_ms(-1);
+            RequestKind::InitProducerId(if version >= 3 {
+                request
+                    .with_producer_id(ProducerId(1000))
+                    .with_producer_epoch(2)
+            } else {
+                request
+            })
+        }
         other => panic!("no sample for {other:?}: add one when adding it to SUPPORTED_APIS"),
     }
 }
@@ -480,7 +493,8 @@ fn unknown_and_unimplemented_api_keys_are_refused() {
     for raw_key in [
         -1i16,
         9999,
-        ApiKey::InitProducerId as i16,
+        // Transactions are not implemented: their APIs are as unknown as SASL.
+        ApiKey::EndTxn as i16,
         ApiKey::SaslHandshake as i16,
     ] {
         let mut buf = BytesMut::new();
@@ -689,6 +703,10 @@ fn error_codes(response: &ResponseKind, version: i16) -> Vec<i16> {
         ResponseKind::ListGroups(r) => vec![r.error_code],
         ResponseKind::DeleteGroups(r) => r.results.iter().map(|g| g.error_code).collect(),
         ResponseKind::OffsetDelete(r) => vec![r.error_code],
+        ResponseKind::InitProducerId(r) => {
+            assert_eq!((r.producer_id, r.producer_epoch), (ProducerId(-1), -1));
+            vec![r.error_code]
+        }
         other => panic!("unexpected response {other:?}"),
     }
 }
@@ -720,7 +738,7 @@ fn expected_entries(api_key: ApiKey, version: i16) -> usize {
         ApiKey::OffsetFetch if version >= 2 => 4,
         ApiKey::OffsetFetch => 3,
         ApiKey::DescribeGroups | ApiKey::DeleteGroups => 2,
-        ApiKey::ListGroups | ApiKey::OffsetDelete => 1,
+        ApiKey::ListGroups | ApiKey::OffsetDelete | ApiKey::InitProducerId => 1,
         other => panic!("{other:?}"),
     }
 }

@@ -32,6 +32,10 @@ pub mod code {
     pub const INVALID_RECORD: i16 = E::InvalidRecord.code();
     pub const UNKNOWN_TOPIC_ID: i16 = E::UnknownTopicId.code();
     pub const UNKNOWN_SERVER_ERROR: i16 = E::UnknownServerError.code();
+    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = E::OutOfOrderSequenceNumber.code();
+    pub const INVALID_PRODUCER_EPOCH: i16 = E::InvalidProducerEpoch.code();
+    pub const PRODUCER_FENCED: i16 = E::ProducerFenced.code();
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = E::CoordinatorNotAvailable.code();
 }
 
 pub fn append_error_code(error: &AppendError) -> i16 {
@@ -40,6 +44,10 @@ pub fn append_error_code(error: &AppendError) -> i16 {
         AppendError::MessageTooLarge { .. } => code::MESSAGE_TOO_LARGE,
         AppendError::InvalidRecord(_) => code::INVALID_RECORD,
         AppendError::RecordBatchTooLarge { .. } => code::RECORD_LIST_TOO_LARGE,
+        AppendError::OutOfOrderSequence(_) => code::OUT_OF_ORDER_SEQUENCE_NUMBER,
+        // Kafka answers a produce from an old epoch with INVALID_PRODUCER_EPOCH (since 2.7, rather
+        // than the fatal PRODUCER_FENCED), so the client can re-initialise.
+        AppendError::InvalidProducerEpoch(_) => code::INVALID_PRODUCER_EPOCH,
         AppendError::Storage(error) => storage_error_code(error),
     }
 }

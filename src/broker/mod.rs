@@ -15,6 +15,7 @@ mod group_api;
 pub mod groups;
 mod metadata;
 mod produce;
+pub mod producer_ids;
 pub mod topics;
 
 use std::cell::{Cell, RefCell};
@@ -93,6 +94,12 @@ impl HandlerFactory for BrokerFactory {
         let groups = GroupCoordinator::open(&offsets_dir, group_settings(&config))
             .await
             .map_err(|e| anyhow::anyhow!("loading offsets log {}: {e}", offsets_dir.display()))?;
+        // The producer-id allocator lives on the controller only; other shards forward to it.
+        let producer_ids = if ctx.shard_id() == 0 {
+            Some(producer_ids::ProducerIdManager::open(&config.log_dir)?)
+        } else {
+            None
+        };
         let broker = Rc::new(ShardBroker {
             shard: ctx.shard_id(),
             shard_count: ctx.shard_count(),
@@ -105,6 +112,7 @@ impl HandlerFactory for BrokerFactory {
             creating: RefCell::new(HashSet::new()),
             stopping: Cell::new(false),
             groups,
+            producer_ids,
         });
         for topic in startup.topics.by_name.values() {
             broker.open_owned_partitions(topic).await?;
@@ -194,6 +202,8 @@ pub struct ShardBroker {
     stopping: Cell<bool>,
     /// The consumer groups this shard coordinates.
     groups: GroupCoordinator,
+    /// The producer-id allocator; `Some` on shard 0 only.
+    producer_ids: Option<producer_ids::ProducerIdManager>,
 }
 
 impl ShardBroker {
@@ -288,6 +298,9 @@ impl ShardBroker {
             }
             RequestKind::OffsetDelete(req) => {
                 ResponseKind::OffsetDelete(self.offset_delete(req).await)
+            }
+            RequestKind::InitProducerId(req) => {
+                ResponseKind::InitProducerId(self.init_producer_id(req, version).await)
             }
             other => {
                 // decode_request admits only the APIs in the advertised table, so reaching this arm
@@ -539,6 +552,33 @@ impl ShardBroker {
             }
         })
         .detach();
+        let expiry_broker = self.clone();
+        compio::runtime::spawn(async move {
+            let expiration_ms = expiry_broker.config.producer_id_expiration_ms;
+            let interval = Duration::from_millis(
+                expiry_broker
+                    .config
+                    .producer_id_expiration_check_interval_ms
+                    .max(1),
+            );
+            loop {
+                compio::time::sleep(interval).await;
+                if expiry_broker.stopping.get() {
+                    break;
+                }
+                let now = now_ms();
+                for ((topic, partition), log) in expiry_broker.owned_logs() {
+                    let expired = log.expire_producers(now);
+                    if expired > 0 {
+                        info!(%topic, partition, expired, "expired idle idempotent producers");
+                    }
+                }
+                if let Some(manager) = &expiry_broker.producer_ids {
+                    manager.expire(now, expiration_ms);
+                }
+            }
+        })
+        .detach();
         let retention_broker = self;
         compio::runtime::spawn(async move {
             let interval = Duration::from_millis(
@@ -627,4 +667,5 @@ pub const HANDLED_APIS: &[ApiKey] = &[
     ApiKey::ListGroups,
     ApiKey::DeleteGroups,
     ApiKey::OffsetDelete,
+    ApiKey::InitProducerId,
 ];

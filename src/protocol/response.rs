@@ -2,7 +2,6 @@
 //! body), and error responses built from a decoded request the way Kafka builds them.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::BrokerId;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
@@ -26,10 +25,12 @@ use kafka_protocol::messages::produce_response::{PartitionProduceResponse, Topic
 use kafka_protocol::messages::{
     ApiKey, CreateTopicsResponse, DeleteGroupsResponse, DeleteTopicsResponse,
     DescribeConfigsResponse, DescribeGroupsResponse, FetchResponse, FindCoordinatorResponse,
-    HeartbeatResponse, JoinGroupResponse, LeaveGroupResponse, ListGroupsResponse,
-    ListOffsetsResponse, MetadataResponse, OffsetCommitResponse, OffsetDeleteResponse,
-    OffsetFetchResponse, ProduceResponse, RequestKind, ResponseKind, SyncGroupResponse,
+    HeartbeatResponse, InitProducerIdResponse, JoinGroupResponse, LeaveGroupResponse,
+    ListGroupsResponse, ListOffsetsResponse, MetadataResponse, OffsetCommitResponse,
+    OffsetDeleteResponse, OffsetFetchResponse, ProduceResponse, RequestKind, ResponseKind,
+    SyncGroupResponse,
 };
+use kafka_protocol::messages::{BrokerId, ProducerId};
 use kafka_protocol::protocol::StrBytes;
 use thiserror::Error;
 
@@ -521,6 +522,13 @@ pub fn error_response(request: &Request, error_code: i16) -> Option<ResponseKind
         RequestKind::OffsetDelete(_) => {
             ResponseKind::OffsetDelete(OffsetDeleteResponse::default().with_error_code(error_code))
         }
+        // No producer id was issued: Kafka answers -1 / -1 with the error.
+        RequestKind::InitProducerId(_) => ResponseKind::InitProducerId(
+            InitProducerIdResponse::default()
+                .with_error_code(error_code)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+        ),
         _ => return None,
     };
     Some(response)

@@ -18,7 +18,11 @@ use kafka_protocol::messages::api_versions_response::{ApiVersion, ApiVersionsRes
 ///   Produce >= 7. Fetch stops at 12 because 13+ addresses topics by id only;
 /// - ListOffsets stops at 8: v9 adds the latest-tiered timestamp (-5, KIP-1005) and v10 the
 ///   asynchronous remote lookup (KIP-1075), both about tiered storage, which this broker has
-///   not; v8's earliest-local (-4) equals earliest (-2) here.
+///   not; v8's earliest-local (-4) equals earliest (-2) here;
+/// - InitProducerId (idempotent producers only) covers everything the crate decodes: 0-1 carry no
+///   producer id (aiokafka, kafkajs), 3+ let a known producer bump its epoch (KIP-360), 4+ may
+///   answer PRODUCER_FENCED. 6 (KIP-939 two-phase commit) is not decodable. Transactional APIs
+///   (AddPartitionsToTxn, EndTxn, ...) stay unadvertised.
 ///
 /// Adding an API is one line here plus a handler in the broker; decoding, the ApiVersions
 /// response and the clip test all follow from this table.
@@ -42,6 +46,7 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListGroups, 0, 5),
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
+    (ApiKey::InitProducerId, 0, 5),
 ];
 
 /// The lowest Produce version the broker accepts. Versions 0-2 carry message sets v0/v1,
@@ -182,6 +187,10 @@ mod tests {
                 OffsetDeleteRequest::VERSIONS,
                 OffsetDeleteResponse::VERSIONS,
             ),
+            ApiKey::InitProducerId => (
+                InitProducerIdRequest::VERSIONS,
+                InitProducerIdResponse::VERSIONS,
+            ),
             other => panic!("{other:?} is in SUPPORTED_APIS but not in codec_versions"),
         }
     }
@@ -247,7 +256,22 @@ mod tests {
         assert!(!version_accepted(ApiKey::Produce, 2));
         assert!(version_accepted(ApiKey::Produce, 9));
         assert!(!version_accepted(ApiKey::Fetch, 3));
-        assert!(!version_accepted(ApiKey::InitProducerId, 0));
+        // librdkafka enables idempotence only if InitProducerId overlaps its 0..0 probe.
+        assert!(version_accepted(ApiKey::InitProducerId, 0));
+        assert!(version_accepted(ApiKey::InitProducerId, 1));
+        // Transactions are not implemented, so their APIs must not be advertised.
+        for transactional in [
+            ApiKey::AddPartitionsToTxn,
+            ApiKey::AddOffsetsToTxn,
+            ApiKey::EndTxn,
+            ApiKey::TxnOffsetCommit,
+            ApiKey::WriteTxnMarkers,
+        ] {
+            assert!(
+                supported_versions(transactional).is_none(),
+                "{transactional:?}"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! two in-place stores (baseOffset, partitionLeaderEpoch) that assign offsets without touching the CRC.
 
 use super::error::AppendError;
+use super::producer_state::ProducerBatch;
 
 /// Size of the fixed RecordBatch v2 header; the records follow it.
 pub const BATCH_HEADER_BYTES: usize = 61;
@@ -21,10 +22,12 @@ const ATTRIBUTES_AT: usize = 21;
 const LAST_OFFSET_DELTA_AT: usize = 23;
 const MAX_TIMESTAMP_AT: usize = 35;
 const PRODUCER_ID_AT: usize = 43;
+const PRODUCER_EPOCH_AT: usize = 51;
 const BASE_SEQUENCE_AT: usize = 53;
 const RECORDS_COUNT_AT: usize = 57;
 
 const CONTROL_ATTRIBUTE_BIT: u16 = 1 << 5;
+const TRANSACTIONAL_ATTRIBUTE_BIT: u16 = 1 << 4;
 
 fn i64_at(bytes: &[u8], at: usize) -> i64 {
     let mut raw = [0u8; 8];
@@ -85,6 +88,22 @@ pub fn max_timestamp(header: &[u8]) -> i64 {
     i64_at(header, MAX_TIMESTAMP_AT)
 }
 
+/// The idempotent-producer fields of a batch whose full header is in `header` (at least 61 bytes), or
+/// `None` for a batch without a producer id (-1).
+pub fn producer_fields(header: &[u8]) -> Option<ProducerBatch> {
+    let producer_id = i64_at(header, PRODUCER_ID_AT);
+    if producer_id < 0 {
+        return None;
+    }
+    Some(ProducerBatch {
+        producer_id,
+        epoch: u16_at(header, PRODUCER_EPOCH_AT) as i16,
+        first_sequence: i32_at(header, BASE_SEQUENCE_AT),
+        record_count: i32_at(header, LAST_OFFSET_DELTA_AT).saturating_add(1),
+        max_timestamp: max_timestamp(header),
+    })
+}
+
 /// The CRC stored in a batch (full header required).
 pub fn stored_crc(header: &[u8]) -> u32 {
     u32::from_be_bytes([
@@ -103,6 +122,8 @@ pub struct ValidatedBatch {
     pub size_bytes: usize,
     pub record_count: i32,
     pub max_timestamp: i64,
+    /// The idempotent producer that wrote it, if any (producerId >= 0).
+    pub producer: Option<ProducerBatch>,
 }
 
 /// Validates a Produce partition's `records` field: one or more complete v2 batches, each checked as
@@ -188,9 +209,20 @@ pub fn validate_records(
                 "clients may not send control batches".into(),
             ));
         }
-        if i64_at(batch, PRODUCER_ID_AT) >= 0 && i32_at(batch, BASE_SEQUENCE_AT) < 0 {
+        if u16_at(batch, ATTRIBUTES_AT) & TRANSACTIONAL_ATTRIBUTE_BIT != 0 {
+            // Transactions are not implemented (and their APIs are not advertised): a transactional
+            // batch could never be committed or aborted, so it must not enter the log.
             return Err(AppendError::InvalidRecord(
-                "an idempotent batch (producerId >= 0) needs baseSequence >= 0".into(),
+                "transactional batches are not supported".into(),
+            ));
+        }
+        let producer = producer_fields(batch);
+        if let Some(producer) = &producer
+            && (producer.first_sequence < 0 || producer.epoch < 0)
+        {
+            return Err(AppendError::InvalidRecord(
+                "an idempotent batch (producerId >= 0) needs baseSequence >= 0 and producerEpoch >= 0"
+                    .into(),
             ));
         }
         batches.push(ValidatedBatch {
@@ -198,6 +230,7 @@ pub fn validate_records(
             size_bytes,
             record_count,
             max_timestamp: max_timestamp(batch),
+            producer,
         });
         position += size_bytes;
     }

@@ -29,6 +29,10 @@ pub struct LogConfig {
     /// `log.flush.offset.checkpoint.interval.ms`: how often `tick` rewrites the recovery checkpoint (60 s).
     /// The checkpoint bounds how much log an unclean restart must rescan.
     pub recovery_checkpoint_interval_ms: u64,
+    /// `producer.id.expiration.ms`: an idempotent producer idle this long (judged by its batches'
+    /// timestamps, as in Kafka) is forgotten by the partition (1 day). Also how often `tick` writes a
+    /// producer-state snapshot is bounded by `recovery_checkpoint_interval_ms`.
+    pub producer_id_expiration_ms: u64,
 }
 
 /// Seven days in milliseconds, Kafka's default for both `log.roll.hours` and `log.retention.hours`.
@@ -48,6 +52,7 @@ impl Default for LogConfig {
             flush_interval_ms: None,
             durable_high_watermark: false,
             recovery_checkpoint_interval_ms: 60_000,
+            producer_id_expiration_ms: 24 * 60 * 60 * 1000,
         }
     }
 }

@@ -68,6 +68,14 @@ pub enum AppendError {
     /// The whole record set is larger than a segment: Kafka's RECORD_BATCH_TOO_LARGE (18).
     #[error("record set of {size} bytes exceeds the segment size {max}")]
     RecordBatchTooLarge { size: usize, max: u64 },
+    /// An idempotent batch whose sequence is neither the next one of its producer nor one of its last
+    /// five batches (a gap): Kafka's OUT_OF_ORDER_SEQUENCE_NUMBER (45). Nothing was written.
+    #[error("out of order sequence: {0}")]
+    OutOfOrderSequence(String),
+    /// An idempotent batch carrying an epoch older than its producer's current one (a fenced,
+    /// zombie producer): Kafka's INVALID_PRODUCER_EPOCH (47). Nothing was written.
+    #[error("invalid producer epoch: {0}")]
+    InvalidProducerEpoch(String),
     /// The log could not store the batches: Kafka's KAFKA_STORAGE_ERROR (56).
     #[error(transparent)]
     Storage(#[from] StorageError),

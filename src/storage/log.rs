@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
-use super::batch::{self, BATCH_HEADER_BYTES, BatchHeader, HEADER_PREFIX_BYTES};
+use super::batch::{self, BATCH_HEADER_BYTES, BatchHeader, HEADER_PREFIX_BYTES, ValidatedBatch};
 use super::config::LogConfig;
 use super::dirs::{
     self, CLEAN_SHUTDOWN_FILE, Checkpoint, DELETE_DIR_SUFFIX, RECOVERY_CHECKPOINT_FILE,
@@ -24,6 +24,7 @@ use super::dirs::{
 use super::disk::Disk;
 use super::error::{AppendError, ReadError, StorageError};
 use super::index::{OFFSET_ENTRY_BYTES, TIME_ENTRY_BYTES};
+use super::producer_state::{ProducerStateMap, SequenceCheck, snapshot_file_name};
 use super::segment::{Segment, SegmentFile, segment_stem};
 use super::waiters::{Turnstile, TurnstileGuard, Waiters};
 
@@ -33,12 +34,35 @@ pub const LEADER_EPOCH: i32 = 0;
 /// How far a read scans batch headers per disk read while looking for the batch holding an offset.
 const READ_SCAN_CHUNK_BYTES: usize = 16 * 1024;
 
+/// What an append will do, decided under the turn before anything is written.
+struct ProducerPlan {
+    /// Indexes (into the validated batches) of the batches to write; duplicates are left out.
+    write: Vec<usize>,
+    /// The log end when the plan was made: the first offset the written batches get.
+    first_new_offset: i64,
+    /// The offset to answer with: the first batch's, whether new or a duplicate.
+    base_offset: i64,
+    last_offset: i64,
+    /// The producer entries as they will be once the write succeeds.
+    staged: ProducerStateMap,
+}
+
+fn now_wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Offsets of one append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendInfo {
     pub base_offset: i64,
     pub last_offset: i64,
     pub log_start_offset: i64,
+    /// Every batch was a retry of one already in the log (idempotent producer): nothing was written
+    /// and the offsets are those the batches were first written at.
+    pub duplicate: bool,
 }
 
 /// A byte range of one segment file for fetch to splice (or copy). `len` may be 0 (nothing to send).
@@ -89,7 +113,17 @@ pub(crate) struct LogState {
     pub tail_dirty: bool,
     pub failed: Option<String>,
     pub closed: bool,
+    /// Idempotent producers of this partition, as of the log end.
+    pub producers: ProducerStateMap,
+    /// Offsets of the producer-state snapshot files in the directory, oldest first.
+    pub snapshot_offsets: Vec<i64>,
+    pub last_snapshot_ms: i64,
 }
+
+/// How many producer-state snapshots a partition keeps. More than one, because a snapshot taken at
+/// a log end whose data was not yet fdatasync'ed is useless after a power failure truncates the log
+/// below it, and the next older one then saves a rebuild from the log start.
+const SNAPSHOTS_KEPT: usize = 3;
 
 impl LogState {
     pub(crate) fn active(&self) -> &Segment {
@@ -379,32 +413,48 @@ impl PartitionLog {
             let state = self.state.borrow();
             (state.config.max_message_bytes, state.config.segment_bytes)
         };
-        let batches = batch::validate_records(&records, max_message_bytes)?;
+        let validated = batch::validate_records(&records, max_message_bytes)?;
         if records.len() as u64 > segment_bytes {
             return Err(AppendError::RecordBatchTooLarge {
                 size: records.len(),
                 max: segment_bytes,
             });
         }
-        let record_count: i64 = batches
-            .iter()
-            .map(|batch| i64::from(batch.record_count))
-            .sum();
 
         let turn = self.enter_turn().await;
         self.usable(&self.state.borrow())?;
         self.cut_dirty_tail().await?;
+        // The sequence check runs under the turn, against the state as of the log end, and its
+        // updates are staged and merged only after the write: check, offset assignment and state
+        // change are one step, and a failed or cancelled write changes no producer state.
+        let plan = self.plan_producer_batches(&validated, now_ms)?;
+        if plan.write.is_empty() {
+            drop(turn);
+            let info = AppendInfo {
+                base_offset: plan.base_offset,
+                last_offset: plan.last_offset,
+                log_start_offset: self.log_start_offset(),
+                duplicate: true,
+            };
+            // The first attempt may still be waiting for its fdatasync; the retry is answered only
+            // once the data is as durable as the first answer would have made it.
+            if self.state.borrow().config.durable_high_watermark {
+                self.flush_through(info.last_offset).await?;
+            }
+            return Ok(info);
+        }
+        let batches: Vec<ValidatedBatch> = plan.write.iter().map(|&at| validated[at]).collect();
+        let incoming_bytes: u64 = batches.iter().map(|found| found.size_bytes as u64).sum();
+        let record_count: i64 = batches
+            .iter()
+            .map(|batch| i64::from(batch.record_count))
+            .sum();
         let incoming_max_timestamp = batches
             .iter()
             .map(|found| found.max_timestamp)
             .max()
             .unwrap_or(-1);
-        if self.should_roll(
-            records.len() as u64,
-            record_count,
-            incoming_max_timestamp,
-            now_ms,
-        ) {
+        if self.should_roll(incoming_bytes, record_count, incoming_max_timestamp, now_ms) {
             self.roll_locked(now_ms).await?;
         }
 
@@ -413,6 +463,10 @@ impl PartitionLog {
             let active = state.active();
             (active.log.clone(), active.size_bytes, state.log_end_offset)
         };
+        debug_assert_eq!(
+            base_offset, plan.first_new_offset,
+            "the log end moved under the turn"
+        );
         // The batches are not copied: each one's first 16 bytes (the only ones offset assignment
         // changes) are patched in one small buffer, and the file gets [patched prefix, untouched rest]
         // per batch in one `writev`. A 16 KiB copy per append cost little CPU but sat on the
@@ -463,21 +517,26 @@ impl PartitionLog {
             let durable_high_watermark = state.config.durable_high_watermark;
             let active = state.active_mut();
             let mut batch_offset = base_offset;
+            // Positions in the file, not in the request: duplicates left out of the write would
+            // otherwise shift them.
+            let mut batch_position = position;
             for found in &batches {
                 let batch_last = batch_offset + i64::from(found.record_count) - 1;
                 active.note_batch(
-                    position + found.position as u64,
+                    batch_position,
                     found.size_bytes as u64,
                     batch_last,
                     found.max_timestamp,
                     interval,
                     limits,
                 );
+                batch_position += found.size_bytes as u64;
                 batch_offset = batch_last + 1;
             }
             active.first_append_ms.get_or_insert(now_ms);
             active.last_write_ms = now_ms;
             state.log_end_offset = next_offset;
+            state.producers.merge(plan.staged);
             state.unflushed_records += record_count as u64;
             state.first_unflushed_ms.get_or_insert(now_ms);
             if !durable_high_watermark {
@@ -501,10 +560,157 @@ impl PartitionLog {
             self.flush_through(last_offset).await?;
         }
         Ok(AppendInfo {
-            base_offset,
-            last_offset,
+            base_offset: plan.base_offset,
+            last_offset: last_offset.max(plan.last_offset),
             log_start_offset,
+            duplicate: false,
         })
+    }
+
+    /// Checks each idempotent batch of an append against the producer state (and against the
+    /// batches before it in the same append), in order. Any out-of-order or fenced batch refuses the
+    /// whole append; duplicates are left out of the write and answered with their first offsets.
+    /// Caller holds the turn.
+    fn plan_producer_batches(
+        &self,
+        batches: &[ValidatedBatch],
+        now_ms: i64,
+    ) -> Result<ProducerPlan, AppendError> {
+        let state = self.state.borrow();
+        let first_new_offset = state.log_end_offset;
+        let mut staged = state.producers.subset(
+            batches
+                .iter()
+                .filter_map(|found| found.producer.map(|producer| producer.producer_id)),
+        );
+        let mut plan = ProducerPlan {
+            write: Vec::with_capacity(batches.len()),
+            first_new_offset,
+            base_offset: -1,
+            last_offset: -1,
+            staged: ProducerStateMap::default(),
+        };
+        let mut next_offset = first_new_offset;
+        for (at, found) in batches.iter().enumerate() {
+            let (first, last) = match &found.producer {
+                None => (next_offset, next_offset + i64::from(found.record_count) - 1),
+                Some(producer) => match staged.check(producer) {
+                    SequenceCheck::Append => {
+                        staged.apply(producer, next_offset, now_ms);
+                        (next_offset, next_offset + i64::from(found.record_count) - 1)
+                    }
+                    SequenceCheck::Duplicate(original) => {
+                        tracing::debug!(dir = %self.dir.display(), producer_id = producer.producer_id,
+                            sequence = producer.first_sequence, offset = original.first_offset,
+                            "duplicate batch from an idempotent producer; not written again");
+                        if plan.base_offset < 0 {
+                            plan.base_offset = original.first_offset;
+                        }
+                        plan.last_offset = plan.last_offset.max(original.last_offset);
+                        continue;
+                    }
+                    SequenceCheck::OutOfOrder { expected_after } => {
+                        return Err(AppendError::OutOfOrderSequence(format!(
+                            "producer {} epoch {} sent sequence {} but the last one stored is {} in {}",
+                            producer.producer_id,
+                            producer.epoch,
+                            producer.first_sequence,
+                            expected_after.map_or_else(
+                                || "none of this epoch".to_string(),
+                                |last| last.to_string()
+                            ),
+                            self.dir.display()
+                        )));
+                    }
+                    SequenceCheck::InvalidEpoch { current } => {
+                        return Err(AppendError::InvalidProducerEpoch(format!(
+                            "producer {} sent epoch {} but its current epoch is {current}",
+                            producer.producer_id, producer.epoch
+                        )));
+                    }
+                },
+            };
+            plan.write.push(at);
+            if plan.base_offset < 0 {
+                plan.base_offset = first;
+            }
+            plan.last_offset = plan.last_offset.max(last);
+            next_offset = last + 1;
+        }
+        plan.staged = staged;
+        Ok(plan)
+    }
+
+    /// The idempotent producers this partition currently knows.
+    pub fn producer_count(&self) -> usize {
+        self.state.borrow().producers.len()
+    }
+
+    /// A copy of one producer's state, for tests and diagnostics.
+    pub fn producer_entry(&self, producer_id: i64) -> Option<super::producer_state::ProducerEntry> {
+        self.state.borrow().producers.get(producer_id).cloned()
+    }
+
+    /// Offsets of the producer-state snapshot files on disk, oldest first.
+    pub fn snapshot_offsets(&self) -> Vec<i64> {
+        self.state.borrow().snapshot_offsets.clone()
+    }
+
+    /// Forgets producers idle for `producer_id_expiration_ms` (Kafka's producer-id expiration,
+    /// run by the broker every `producer.id.expiration.check.interval.ms`). Returns how many went.
+    pub fn expire_producers(&self, now_ms: i64) -> usize {
+        let mut state = self.state.borrow_mut();
+        let expiration_ms = state.config.producer_id_expiration_ms;
+        state.producers.expire(now_ms, expiration_ms)
+    }
+
+    /// Writes a producer-state snapshot at the log end, unless one exists there already, and keeps
+    /// only the newest `SNAPSHOTS_KEPT`. Caller holds the turn. A failure is logged and otherwise
+    /// ignored: snapshots only shorten the rebuild at open, which is correct without them.
+    pub(crate) async fn write_snapshot_locked(&self, now_ms: i64) {
+        let (offset, bytes) = {
+            let mut state = self.state.borrow_mut();
+            let offset = state.log_end_offset;
+            state.last_snapshot_ms = now_ms;
+            if state.snapshot_offsets.last() == Some(&offset) {
+                return;
+            }
+            (offset, state.producers.encode_snapshot(offset))
+        };
+        let path = self.dir.join(snapshot_file_name(offset));
+        let disk = self.disk.clone();
+        let target = path.clone();
+        let written = self
+            .detached(async move { disk.write_file_atomically(&target, bytes).await })
+            .await;
+        if let Err(error) = written {
+            tracing::warn!(path = %path.display(), %error, "could not write producer-state snapshot");
+            return;
+        }
+        let doomed = {
+            let mut state = self.state.borrow_mut();
+            state
+                .snapshot_offsets
+                .retain(|&existing| existing != offset);
+            state.snapshot_offsets.push(offset);
+            state.snapshot_offsets.sort_unstable();
+            let excess = state.snapshot_offsets.len().saturating_sub(SNAPSHOTS_KEPT);
+            state.snapshot_offsets.drain(..excess).collect::<Vec<_>>()
+        };
+        self.remove_snapshots(doomed).await;
+    }
+
+    pub(crate) async fn remove_snapshots(&self, offsets: Vec<i64>) {
+        for offset in offsets {
+            let path = self.dir.join(snapshot_file_name(offset));
+            match self.disk.remove_file(&path).await {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "could not remove old snapshot")
+                }
+            }
+        }
     }
 
     /// Whether the next append of `incoming_bytes` must start a new segment (Kafka's `shouldRoll`).
@@ -586,6 +792,9 @@ impl PartitionLog {
         // The closed segment's indexes are final: write and sync them now, so a later checkpoint past
         // this segment never depends on them. Its data is synced by the next group commit.
         self.persist_indexes(old_base).await?;
+        // As Kafka does at every roll: the producer state as of the new segment's base, so a rebuild
+        // at open never has to scan more than the segments after the newest snapshot.
+        self.write_snapshot_locked(now_ms).await;
         let segment = self.create_segment(new_base, now_ms).await?;
         let start = LogPosition {
             offset: new_base,
@@ -1041,7 +1250,7 @@ impl PartitionLog {
     /// Time-driven work: fdatasync when unflushed data is older than `flush_interval_ms`, roll a segment
     /// older than `segment_ms`, and rewrite the recovery checkpoint every `recovery_checkpoint_interval_ms`.
     pub async fn tick(&self, now_ms: i64) -> Result<(), StorageError> {
-        let (flush_due, roll_due, checkpoint_due) = {
+        let (flush_due, roll_due, checkpoint_due, snapshot_due) = {
             let state = self.state.borrow();
             self.usable(&state)?;
             let flush_due = state.config.flush_interval_ms.is_some_and(|interval| {
@@ -1064,7 +1273,10 @@ impl PartitionLog {
                 .checkpoint
                 .is_none_or(|checkpoint| checkpoint.offset < state.durable.offset);
             let checkpoint_due = rolled || (interval_passed && checkpoint_behind);
-            (flush_due, roll_due, checkpoint_due)
+            let snapshot_due = now_ms.saturating_sub(state.last_snapshot_ms)
+                >= state.config.recovery_checkpoint_interval_ms as i64
+                && state.snapshot_offsets.last() != Some(&state.log_end_offset);
+            (flush_due, roll_due, checkpoint_due, snapshot_due)
         };
         if flush_due {
             self.flush_through(i64::MAX).await?;
@@ -1077,6 +1289,13 @@ impl PartitionLog {
             } else {
                 self.checkpoint_locked(now_ms).await?;
             }
+        }
+        if snapshot_due && !roll_due {
+            // A periodic snapshot bounds the producer-state rebuild after a crash the way the
+            // checkpoint bounds the CRC scan.
+            let _turn = self.enter_turn().await;
+            self.usable(&self.state.borrow())?;
+            self.write_snapshot_locked(now_ms).await;
         }
         Ok(())
     }
@@ -1184,6 +1403,22 @@ impl PartitionLog {
             outcome.deleted_bytes += size_bytes;
             outcome.log_start_offset = next_base;
         }
+        if outcome.deleted_segments > 0 {
+            // Snapshots below the new log start describe deleted data; the newest is kept whatever
+            // its offset, since it still holds producers that may retry.
+            let doomed = {
+                let mut state = self.state.borrow_mut();
+                let log_start = state.log_start_offset;
+                let newest = state.snapshot_offsets.last().copied();
+                let (doomed, kept): (Vec<i64>, Vec<i64>) = state
+                    .snapshot_offsets
+                    .iter()
+                    .partition(|&&offset| offset < log_start && Some(offset) != newest);
+                state.snapshot_offsets = kept;
+                doomed
+            };
+            self.remove_snapshots(doomed).await;
+        }
         Ok(outcome)
     }
 
@@ -1223,6 +1458,8 @@ impl PartitionLog {
             position: end.position,
         })
         .await?;
+        // The producer state as of the log end, so the next open needs no rebuild scan.
+        self.write_snapshot_locked(now_wall_ms()).await;
         let marker = self.dir.join(CLEAN_SHUTDOWN_FILE);
         self.disk
             .write_file_atomically(&marker, b"clean\n".to_vec())

@@ -14,6 +14,7 @@ pub mod disk;
 pub mod error;
 pub mod index;
 mod log;
+pub mod producer_state;
 mod recovery;
 pub mod segment;
 pub mod testing;

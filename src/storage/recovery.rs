@@ -16,6 +16,7 @@ use super::disk::Disk;
 use super::error::StorageError;
 use super::index::{self, OFFSET_ENTRY_BYTES, SegmentIndex, TIME_ENTRY_BYTES};
 use super::log::{LogPosition, LogState, PartitionLog};
+use super::producer_state::{ProducerStateMap, snapshot_file_name};
 use super::segment::{ScanEnd, Segment, SegmentFile, parse_segment_name, scan_segment};
 use super::waiters::{Turnstile, Waiters};
 
@@ -54,6 +55,7 @@ impl PartitionLog {
         let mut bases = BTreeSet::new();
         let mut index_files = Vec::new();
         let mut clean = false;
+        let mut snapshot_offsets = Vec::new();
         for (name, is_dir) in &entries {
             if *is_dir {
                 continue;
@@ -64,6 +66,8 @@ impl PartitionLog {
                 parse_segment_name(name, "index").or_else(|| parse_segment_name(name, "timeindex"))
             {
                 index_files.push((base, name.clone()));
+            } else if let Some(offset) = parse_segment_name(name, "snapshot") {
+                snapshot_offsets.push(offset);
             } else if name == CLEAN_SHUTDOWN_FILE {
                 clean = true;
             } else if name.ends_with(".tmp")
@@ -122,6 +126,9 @@ impl PartitionLog {
                 tail_dirty: false,
                 failed: None,
                 closed: false,
+                producers: ProducerStateMap::default(),
+                snapshot_offsets: Vec::new(),
+                last_snapshot_ms: now_ms,
             }),
             turn: Turnstile::default(),
             flush_done: Waiters::default(),
@@ -280,6 +287,7 @@ impl PartitionLog {
             })
             .await?;
         }
+        log.load_producer_state(snapshot_offsets, now_ms).await?;
         if clean {
             // The marker must be gone for good before the first append: if it came back after a crash,
             // the next open would trust a torn tail.
@@ -303,6 +311,171 @@ impl PartitionLog {
             );
         }
         Ok(log)
+    }
+}
+
+/// The largest snapshot file read at open; a larger one is treated as damaged. At about 180 bytes
+/// per producer this is room for over 300,000 producers in one partition.
+const SNAPSHOT_MAX_BYTES: usize = 64 << 20;
+
+/// How much log the producer-state rebuild reads at a time while walking batch headers.
+const REBUILD_WINDOW_BYTES: usize = 64 * 1024;
+
+impl PartitionLog {
+    /// Restores the idempotent-producer state: the newest snapshot that is valid and not above the
+    /// (recovered) log end, then every batch header from its offset to the log end. Snapshots above
+    /// the log end describe data a crash took away and are deleted; a damaged one is deleted with a
+    /// warning and the next older one tried; without any, the rebuild starts at the log start.
+    /// Runs after every open, clean or not, so the state is exact (after a clean close the newest
+    /// snapshot sits at the log end and nothing is scanned).
+    pub(crate) async fn load_producer_state(
+        &self,
+        mut snapshot_offsets: Vec<i64>,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        snapshot_offsets.sort_unstable();
+        let (log_start, log_end) = {
+            let state = self.state.borrow();
+            (state.log_start_offset, state.log_end_offset)
+        };
+        let mut doomed = Vec::new();
+        while snapshot_offsets
+            .last()
+            .is_some_and(|&offset| offset > log_end)
+        {
+            doomed.extend(snapshot_offsets.pop());
+        }
+        let mut loaded = None;
+        // Bounded by the number of snapshot files; each round drops one candidate or stops.
+        while let Some(&offset) = snapshot_offsets.last() {
+            let path = self.dir.join(snapshot_file_name(offset));
+            let decoded = match self
+                .disk
+                .read_small_file(&path, SNAPSHOT_MAX_BYTES + 1)
+                .await
+            {
+                Ok(Some(bytes)) if bytes.len() <= SNAPSHOT_MAX_BYTES => {
+                    ProducerStateMap::decode_snapshot(&bytes).and_then(|(at, producers)| {
+                        if at == offset {
+                            Ok(producers)
+                        } else {
+                            Err(format!("holds offset {at}, not the {offset} of its name"))
+                        }
+                    })
+                }
+                Ok(Some(_)) => Err(format!("larger than {SNAPSHOT_MAX_BYTES} bytes")),
+                Ok(None) => Err("vanished".to_string()),
+                Err(error) => Err(format!("unreadable: {error}")),
+            };
+            let producers = match decoded {
+                Ok(producers) => producers,
+                Err(reason) => {
+                    tracing::warn!(path = %path.display(), %reason, "ignoring damaged producer-state snapshot");
+                    doomed.extend(snapshot_offsets.pop());
+                    continue;
+                }
+            };
+            let mut producers = producers;
+            if self
+                .replay_producer_batches(offset.max(log_start), &mut producers, now_ms)
+                .await?
+            {
+                loaded = Some((offset, producers));
+                break;
+            }
+            tracing::warn!(path = %path.display(), "producer-state snapshot does not fall on a batch boundary; ignoring it");
+            doomed.extend(snapshot_offsets.pop());
+        }
+        let (scanned_from, mut producers) = match loaded {
+            Some(found) => found,
+            None => {
+                let mut producers = ProducerStateMap::default();
+                // From the log start every batch starts at or after the offset scanned from.
+                self.replay_producer_batches(log_start, &mut producers, now_ms)
+                    .await?;
+                (log_start, producers)
+            }
+        };
+        let expiration_ms = self.state.borrow().config.producer_id_expiration_ms;
+        producers.expire(now_ms, expiration_ms);
+        tracing::debug!(dir = %self.dir.display(), producers = producers.len(), scanned_from,
+            log_end, "restored producer state");
+        {
+            let mut state = self.state.borrow_mut();
+            state.producers = producers;
+            state.snapshot_offsets = snapshot_offsets;
+        }
+        self.remove_snapshots(doomed).await;
+        if scanned_from != log_end {
+            // Make the next open cheap: the state as of the log end, now.
+            self.write_snapshot_locked(now_ms).await;
+        }
+        Ok(())
+    }
+
+    /// Applies the producer fields of every batch from `from` to the log end to `producers`, without
+    /// checking sequences (the log is the truth). Returns false if a batch starts before `from` but
+    /// ends at or after it: a snapshot at `from` would then not match this log.
+    async fn replay_producer_batches(
+        &self,
+        from: i64,
+        producers: &mut ProducerStateMap,
+        now_ms: i64,
+    ) -> Result<bool, StorageError> {
+        let segments: Vec<(SegmentFile, u64, u64)> = {
+            let state = self.state.borrow();
+            state
+                .segments
+                .values()
+                .filter(|segment| segment.next_offset > from && segment.size_bytes > 0)
+                .map(|segment| {
+                    let start = if from > segment.base_offset {
+                        u64::from(segment.index.lookup(segment.relative(from)))
+                    } else {
+                        0
+                    };
+                    (segment.log.clone(), start, segment.size_bytes)
+                })
+                .collect()
+        };
+        for (file, start, size) in segments {
+            let mut window: Vec<u8> = Vec::new();
+            let mut window_start = 0u64;
+            let mut position = start;
+            // Bounded: each round advances by one whole batch (at least 61 bytes) or returns.
+            while position < size {
+                let inside = position >= window_start
+                    && position + BATCH_HEADER_BYTES as u64 <= window_start + window.len() as u64;
+                if !inside {
+                    let want = (size - position).min(REBUILD_WINDOW_BYTES as u64) as usize;
+                    window = self
+                        .disk
+                        .read_at(file.file(), want.max(BATCH_HEADER_BYTES), position)
+                        .await
+                        .map_err(|source| StorageError::io("read", file.path(), source))?;
+                    window_start = position;
+                }
+                let at = (position - window_start) as usize;
+                let header = &window[at..(at + BATCH_HEADER_BYTES).min(window.len())];
+                let parsed = batch::BatchHeader::parse_prefix(header)
+                    .filter(|_| header.len() == BATCH_HEADER_BYTES)
+                    .ok_or_else(|| StorageError::Malformed {
+                        what: "record batch",
+                        path: file.path().to_path_buf(),
+                        detail: format!("no valid batch header at position {position} while rebuilding producer state"),
+                    })?;
+                if parsed.last_offset() >= from {
+                    if parsed.base_offset < from {
+                        return Ok(false);
+                    }
+                    if let Some(producer) = batch::producer_fields(header) {
+                        producers.apply(&producer, parsed.base_offset, now_ms);
+                    }
+                }
+                position += parsed.size_bytes;
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -60,6 +60,25 @@ pub fn build_batch(count: i32, value_bytes: usize, base_timestamp: i64, seed: u6
     batch
 }
 
+/// Like `build_batch`, from an idempotent producer: `producer_id`, `epoch` and `base_sequence` are
+/// set in the header and the CRC recomputed, as a client with `enable.idempotence` sends it.
+pub fn build_idempotent_batch(
+    count: i32,
+    value_bytes: usize,
+    base_timestamp: i64,
+    producer_id: i64,
+    epoch: i16,
+    base_sequence: i32,
+) -> Vec<u8> {
+    let mut batch = build_batch(count, value_bytes, base_timestamp, base_sequence as u64);
+    batch[43..51].copy_from_slice(&producer_id.to_be_bytes());
+    batch[51..53].copy_from_slice(&epoch.to_be_bytes());
+    batch[53..57].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[21..]);
+    batch[17..21].copy_from_slice(&crc.to_be_bytes());
+    batch
+}
+
 /// A batch whose total size is close to `target_bytes`: records of about `record_bytes` each.
 pub fn build_batch_of_size(
     target_bytes: usize,
