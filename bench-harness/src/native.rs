@@ -229,6 +229,21 @@ pub async fn run_producer(
                 None => sticky_partition,
             };
             let q = &mut queues[partition as usize];
+            // As Kafka's producer does, a batch is closed when the next record would push it past
+            // batch.size (a record larger than that still gets a batch of its own), so batches
+            // stay within a broker's message.max.bytes set to the same figure.
+            if !q.open.is_empty()
+                && q.open.encoded_len()
+                    + BatchBuilder::record_size_bound(
+                        key.as_ref().map_or(0, |k| k.len()),
+                        size,
+                        &source.headers,
+                    )
+                    > batch_limit
+            {
+                let (open, sealed) = seal(q, partition as i32, w.compression)?;
+                queued_total = queued_total - open + sealed;
+            }
             let before = open_bytes(&q.open);
             q.open.append(
                 now,

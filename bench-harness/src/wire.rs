@@ -156,6 +156,19 @@ impl BatchBuilder {
         BATCH_HEADER_BYTES + self.records.len()
     }
 
+    /// At least the bytes [`BatchBuilder::append`] adds for such a record (varints at their
+    /// widest), so a producer can close a batch before a record would push it past its limit.
+    pub fn record_size_bound(key_len: usize, value_len: usize, headers: &[RecordHeader]) -> usize {
+        // Length, attributes, timestamp delta, offset delta, key length, value length, header
+        // count: at most 10 bytes per varint.
+        let fixed = 1 + 6 * 10;
+        let header_bytes: usize = headers
+            .iter()
+            .map(|h| 20 + h.key.len() + h.value.len())
+            .sum();
+        fixed + key_len + value_len + header_bytes
+    }
+
     /// Appends one record whose value is the 8-byte big-endian intended time followed by
     /// `value_len - 8` bytes of `filler`. `filler` must hold at least that many bytes.
     pub fn append(
@@ -567,6 +580,37 @@ mod tests {
 
     fn filler() -> Vec<u8> {
         (0..4096u32).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn record_size_bound_covers_what_append_adds() {
+        let filler = filler();
+        let headers = vec![RecordHeader {
+            key: b"h".to_vec(),
+            value: vec![7; 300],
+        }];
+        for (key, value_len, headers) in [
+            (None, 8usize, &[][..]),
+            (Some(&b"k"[..]), 100, &[][..]),
+            (Some(&[3u8; 200][..]), 4000, &headers[..]),
+        ] {
+            let mut b = BatchBuilder::new();
+            for n in 0..50u64 {
+                let before = b.encoded_len();
+                b.append(
+                    n * 1_000_000,
+                    1_700_000_000_000_000 + n * 999_999,
+                    key,
+                    value_len,
+                    &filler,
+                    headers,
+                );
+                let added = b.encoded_len() - before;
+                let bound =
+                    BatchBuilder::record_size_bound(key.map_or(0, |k| k.len()), value_len, headers);
+                assert!(added <= bound, "added {added} > bound {bound}");
+            }
+        }
     }
 
     fn build_batch(compression: Compression, n: u64) -> (Vec<u8>, Vec<u64>) {

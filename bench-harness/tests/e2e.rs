@@ -515,3 +515,32 @@ fn native_producer_keeps_publishing_when_overloaded() {
     }
     assert_eq!(r.totals.publish_errors, 0);
 }
+
+/// With batch.size equal to the broker's message.max.bytes (1 MiB) and 16 KiB records, the
+/// native producer closes each batch before a record would push it past batch.size, as Kafka's
+/// producer does, so the broker accepts every batch (it used to seal just over the limit and get
+/// MESSAGE_TOO_LARGE for each one).
+#[test]
+fn native_batches_stay_within_batch_size() {
+    let _guard = serial();
+    let mut broker = start_broker(1);
+    let out = tempfile::tempdir().unwrap();
+    let mut workload = small_workload("big-batches");
+    workload.record_size = RecordSize::Fixed(16 * 1024);
+    workload.batch_size_bytes = 1024 * 1024;
+    workload.linger_ms = 50.0;
+    workload.rate = Rate::RecordsPerSecond(2000.0);
+    workload.duration_s = 5.0;
+    let mut opts = options(
+        &broker.bootstrap(),
+        DriverKind::Native,
+        workload,
+        out.path(),
+    );
+    opts.record_limit = Some(400);
+    let r = run(&opts).unwrap().report;
+    broker.stop().unwrap();
+    assert_eq!(r.totals.publish_errors, 0);
+    assert_eq!(r.totals.published_records, 400);
+    assert_eq!(r.totals.consumed_records, 400);
+}
