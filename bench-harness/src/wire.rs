@@ -585,7 +585,7 @@ mod tests {
     #[test]
     fn record_size_bound_covers_what_append_adds() {
         let filler = filler();
-        let headers = vec![RecordHeader {
+        let headers = [RecordHeader {
             key: b"h".to_vec(),
             value: vec![7; 300],
         }];
