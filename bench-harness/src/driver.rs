@@ -104,22 +104,16 @@ impl Control {
         self.consumers_enabled.load(Ordering::Acquire)
     }
 
-    /// Sets the per-producer rate; the schedule restarts from "now".
-    pub fn set_rate(&self, records_per_second_per_producer: f64) {
+    /// Sets the per-producer rate; the schedule restarts from `now_epoch_us`, read from the
+    /// workers' [`RunClock`] so that it compares with the intended times they stamp.
+    pub fn set_rate(&self, records_per_second_per_producer: f64, now_epoch_us: u64) {
         let period = if records_per_second_per_producer > 0.0 {
             (1e9 / records_per_second_per_producer).max(1.0) as u64
         } else {
             0
         };
-        let start_us = if period > 0 {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_micros() as u64)
-                .unwrap_or(0)
-        } else {
-            // Draining (rate 0): every acknowledgement counts, whenever it was intended.
-            0
-        };
+        // Draining (rate 0): every acknowledgement counts, whenever it was intended.
+        let start_us = if period > 0 { now_epoch_us } else { 0 };
         self.rate_start_us.store(start_us, Ordering::Release);
         self.period_ns.store(period, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -288,13 +282,13 @@ mod tests {
     fn records_intended_before_a_new_rate_are_stale() {
         let c = Control::new();
         let meter = crate::metrics::Meter::for_control(&c);
-        c.set_rate(1000.0);
+        c.set_rate(1000.0, 1_000_000);
         let start = c.rate_start().load(Ordering::Acquire);
-        assert!(start > 0);
+        assert_eq!(start, 1_000_000);
         assert!(meter.is_stale(start - 1));
         assert!(!meter.is_stale(start));
         // While draining at rate 0 nothing is stale.
-        c.set_rate(0.0);
+        c.set_rate(0.0, 2_000_000);
         assert!(!meter.is_stale(1));
     }
 
@@ -302,10 +296,10 @@ mod tests {
     fn rate_sets_period_and_generation() {
         let c = Control::new();
         let g = c.generation();
-        c.set_rate(1000.0);
+        c.set_rate(1000.0, 1_000_000);
         assert_eq!(c.period_ns(), 1_000_000);
         assert!(c.generation() > g);
-        c.set_rate(0.0);
+        c.set_rate(0.0, 2_000_000);
         assert_eq!(c.period_ns(), 0);
     }
 

@@ -65,6 +65,8 @@ pub trait WorkerHost: Send {
 /// Workers as threads of this process.
 pub struct InProcessHost {
     control: Arc<Control>,
+    /// The workers' clock: rate changes are stamped with it.
+    clock: RunClock,
     meters: Vec<Meter>,
     threads: Vec<JoinHandle<()>>,
     failure: Arc<Mutex<Option<String>>>,
@@ -135,6 +137,7 @@ impl InProcessHost {
         }
         Ok(InProcessHost {
             control,
+            clock,
             meters,
             threads,
             failure,
@@ -169,7 +172,7 @@ fn record_failure(slot: &Mutex<Option<String>>, name: &str, result: anyhow::Resu
 impl WorkerHost for InProcessHost {
     fn command(&self, command: &WorkerCommand) {
         match *command {
-            WorkerCommand::Rate(r) => self.control.set_rate(r),
+            WorkerCommand::Rate(r) => self.control.set_rate(r, self.clock.now_epoch_us()),
             WorkerCommand::EnableConsumers => self.control.enable_consumers(),
             WorkerCommand::Budget(n) => self.control.set_record_budget(n),
             WorkerCommand::Stop => self.control.stop(),

@@ -278,11 +278,12 @@ pub async fn run_producer(
                         sticky_partition = (sticky_partition + 1) % spec.partitions;
                     }
                 } else if due > now {
+                    // Only a future deadline is a reason to wake. A batch whose linger expired
+                    // behind a full ready queue waits for a response to free a slot: a past
+                    // deadline here made the loop spin without yielding, starving the response
+                    // reader (a livelock at overload).
                     earliest_linger = Some(earliest_linger.map_or(due, |e: u64| e.min(due)));
                 }
-                // A batch whose linger expired behind a full ready queue waits for a response
-                // to free a slot, not for a timer: a past deadline here made the loop spin
-                // without ever yielding, starving the response reader (a livelock at overload).
             }
         }
         for leader in leaders.values_mut() {

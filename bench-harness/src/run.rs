@@ -525,9 +525,9 @@ fn measure(
         );
     }
     if search.is_some() && aggregate_report.publish_rate_records_per_s < 0.95 * target {
-        // Search steps are seconds long; page-cache writeback, compaction of the broker's own
-        // work or the load generator's CPU can make a rate held for one step fail over the
-        // measured phase. Say so, so nobody quotes the search result as sustained.
+        // Search steps are seconds long; page-cache writeback or the load generator's own CPU
+        // can make a rate held for one step fail over the longer measured phase. Say so, so
+        // nobody quotes the search result as sustained.
         notes.push(format!(
             "max-rate: the rate found by the search ({target:.0} records/s) was not sustained over \
              the measured phase ({:.0} records/s achieved); quote the achieved rate",

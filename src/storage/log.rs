@@ -47,13 +47,6 @@ struct ProducerPlan {
     staged: ProducerStateMap,
 }
 
-fn now_wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Offsets of one append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendInfo {
@@ -1459,7 +1452,8 @@ impl PartitionLog {
         })
         .await?;
         // The producer state as of the log end, so the next open needs no rebuild scan.
-        self.write_snapshot_locked(now_wall_ms()).await;
+        self.write_snapshot_locked(super::recovery::wall_clock_ms(std::time::SystemTime::now()))
+            .await;
         let marker = self.dir.join(CLEAN_SHUTDOWN_FILE);
         self.disk
             .write_file_atomically(&marker, b"clean\n".to_vec())

@@ -20,7 +20,7 @@ use super::producer_state::{ProducerStateMap, snapshot_file_name};
 use super::segment::{ScanEnd, Segment, SegmentFile, parse_segment_name, scan_segment};
 use super::waiters::{Turnstile, Waiters};
 
-fn wall_clock_ms(time: SystemTime) -> i64 {
+pub(super) fn wall_clock_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as i64)
         .unwrap_or(0)
