@@ -199,15 +199,7 @@ fn broker_behind(proxy: &FaultProxy, extra: &[&str]) -> Broker {
 
 #[test]
 fn lost_and_late_produce_responses_leave_every_record_stored_exactly_once_in_order() {
-    let proxy = FaultProxy::start(
-        2,
-        FaultPlan {
-            drop_fraction: 0.0,
-            delay_fraction: 0.0,
-            delay: Duration::ZERO,
-            seed: seed(),
-        },
-    );
+    let proxy = FaultProxy::start(2, FaultPlan::none(seed()));
     let broker = broker_behind(&proxy, &[]);
     let bootstrap = proxy.bootstrap();
     create_topic(&bootstrap, "exactly-once", PARTITIONS, &[]);
@@ -237,12 +229,7 @@ fn lost_and_late_produce_responses_leave_every_record_stored_exactly_once_in_ord
         proxy.stats().dropped.load(Ordering::Relaxed) >= 1,
         "the proxy lost no response, so nothing was retried"
     );
-    proxy.set_plan(FaultPlan {
-        drop_fraction: 0.0,
-        delay_fraction: 0.0,
-        delay: Duration::ZERO,
-        seed: 0,
-    });
+    proxy.set_plan(FaultPlan::none(0));
     let stored = read_back(&bootstrap, "exactly-once", total);
     assert_exactly_once_in_order(&stored, total);
     drop(broker);
@@ -250,15 +237,7 @@ fn lost_and_late_produce_responses_leave_every_record_stored_exactly_once_in_ord
 
 #[test]
 fn without_idempotence_the_same_faults_do_write_duplicates() {
-    let proxy = FaultProxy::start(
-        2,
-        FaultPlan {
-            drop_fraction: 0.0,
-            delay_fraction: 0.0,
-            delay: Duration::ZERO,
-            seed: seed(),
-        },
-    );
+    let proxy = FaultProxy::start(2, FaultPlan::none(seed()));
     let _broker = broker_behind(&proxy, &[]);
     let bootstrap = proxy.bootstrap();
     create_topic(&bootstrap, "at-least-once", PARTITIONS, &[]);
@@ -282,12 +261,7 @@ fn without_idempotence_the_same_faults_do_write_duplicates() {
     }
     flush_all_acknowledged(&producer, total);
     print_stats(&proxy);
-    proxy.set_plan(FaultPlan {
-        drop_fraction: 0.0,
-        delay_fraction: 0.0,
-        delay: Duration::ZERO,
-        seed: 0,
-    });
+    proxy.set_plan(FaultPlan::none(0));
     let consumer = consumer(&bootstrap, &[]);
     let mut stored = 0;
     for partition in 0..PARTITIONS {
@@ -308,15 +282,7 @@ fn without_idempotence_the_same_faults_do_write_duplicates() {
 
 #[test]
 fn sigkill_and_restart_mid_run_lose_no_acknowledged_record_and_duplicate_none() {
-    let proxy = FaultProxy::start(
-        2,
-        FaultPlan {
-            drop_fraction: 0.0,
-            delay_fraction: 0.0,
-            delay: Duration::ZERO,
-            seed: seed(),
-        },
-    );
+    let proxy = FaultProxy::start(2, FaultPlan::none(seed()));
     let advertised = proxy.advertised_listeners();
     // Small segments, so the log rolls (and snapshots) during the run.
     let overrides = [advertised.as_str(), "log.segment.bytes=65536"];
@@ -393,12 +359,7 @@ fn sigkill_and_restart_mid_run_lose_no_acknowledged_record_and_duplicate_none() 
         held >= 2,
         "only {held} Produce responses were held across the kills"
     );
-    proxy.set_plan(FaultPlan {
-        drop_fraction: 0.0,
-        delay_fraction: 0.0,
-        delay: Duration::ZERO,
-        seed: 0,
-    });
+    proxy.set_plan(FaultPlan::none(0));
     let stored = read_back(&bootstrap, "survives", total);
     assert_exactly_once_in_order(&stored, total);
     drop(broker);

@@ -20,8 +20,8 @@ pub struct Broker {
     _temp: Option<tempfile::TempDir>,
 }
 
-/// Finds `count` consecutive ports that are free right now on 127.0.0.1.
-fn free_port_range(count: usize) -> u16 {
+/// Binds `count` consecutive free ports on 127.0.0.1 and returns the first with the listeners.
+pub fn bind_port_range(count: usize) -> (u16, Vec<TcpListener>) {
     for _ in 0..200 {
         let probe = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
         let base = probe.local_addr().unwrap().port();
@@ -29,13 +29,20 @@ fn free_port_range(count: usize) -> u16 {
         if base as usize + count >= 65_000 {
             continue;
         }
-        let all_free =
-            (0..count).all(|i| TcpListener::bind(("127.0.0.1", base + i as u16)).is_ok());
-        if all_free {
-            return base;
+        let bound: Result<Vec<_>, _> = (0..count)
+            .map(|i| TcpListener::bind(("127.0.0.1", base + i as u16)))
+            .collect();
+        if let Ok(listeners) = bound {
+            return (base, listeners);
         }
     }
     panic!("no range of {count} free ports found");
+}
+
+/// Finds `count` consecutive ports that are free right now on 127.0.0.1 (released again, for a
+/// broker process to bind).
+fn free_port_range(count: usize) -> u16 {
+    bind_port_range(count).0
 }
 
 impl Broker {

@@ -31,6 +31,18 @@ pub struct FaultPlan {
     pub seed: u64,
 }
 
+impl FaultPlan {
+    /// Every response passes untouched.
+    pub fn none(seed: u64) -> FaultPlan {
+        FaultPlan {
+            drop_fraction: 0.0,
+            delay_fraction: 0.0,
+            delay: Duration::ZERO,
+            seed,
+        }
+    }
+}
+
 /// Counters of what the proxy did.
 #[derive(Debug, Default)]
 pub struct ProxyStats {
@@ -79,7 +91,7 @@ impl FaultProxy {
     /// refused (closed) until `set_upstream`.
     pub fn start(shards: usize, plan: FaultPlan) -> FaultProxy {
         eprintln!("fault proxy plan: {plan:?}");
-        let (base_port, listeners) = bind_range(shards);
+        let (base_port, listeners) = super::bind_port_range(shards);
         let shared = Arc::new(Shared {
             plan: Mutex::new(plan),
             upstream_base: AtomicU16::new(0),
@@ -149,24 +161,6 @@ impl Drop for FaultProxy {
             let _ = thread.join();
         }
     }
-}
-
-fn bind_range(count: usize) -> (u16, Vec<TcpListener>) {
-    for _ in 0..200 {
-        let probe = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let base = probe.local_addr().unwrap().port();
-        drop(probe);
-        if base as usize + count >= 65_000 {
-            continue;
-        }
-        let bound: Result<Vec<_>, _> = (0..count)
-            .map(|i| TcpListener::bind(("127.0.0.1", base + i as u16)))
-            .collect();
-        if let Ok(listeners) = bound {
-            return (base, listeners);
-        }
-    }
-    panic!("no range of {count} free ports for the proxy");
 }
 
 fn accept_loop(listener: TcpListener, shard: u16, shared: Arc<Shared>) {
