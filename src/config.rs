@@ -143,6 +143,10 @@ pub struct Config {
     pub mailbox_capacity: usize,
     pub connection_max_inflight_bytes: u64,
     pub shutdown_timeout_ms: u64,
+    /// Segment descriptors each shard keeps open at most; 0 derives it from `RLIMIT_NOFILE`.
+    pub descriptor_cache_size: usize,
+    /// Partitions a shard may own; CreateTopics and auto-creation beyond it are refused.
+    pub max_partitions_per_shard: usize,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -194,6 +198,8 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_MAILBOX,
     KEY_INFLIGHT,
     KEY_SHUTDOWN_TIMEOUT,
+    KEY_DESCRIPTOR_CACHE,
+    KEY_MAX_PARTITIONS_PER_SHARD,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -205,6 +211,10 @@ pub const KEY_MAX_CONNECTIONS: &str = "ringbroker.max.connections.per.shard";
 pub const KEY_MAILBOX: &str = "ringbroker.mailbox.capacity";
 pub const KEY_INFLIGHT: &str = "ringbroker.connection.max.inflight.bytes";
 pub const KEY_SHUTDOWN_TIMEOUT: &str = "ringbroker.shutdown.timeout.ms";
+pub const KEY_DESCRIPTOR_CACHE: &str = "ringbroker.descriptor.cache.size";
+pub const KEY_MAX_PARTITIONS_PER_SHARD: &str = "ringbroker.max.partitions.per.shard";
+/// Default partition budget per shard; docs/benchmarks.md ("Partition scale") has the measurement.
+pub const DEFAULT_MAX_PARTITIONS_PER_SHARD: usize = 10_000;
 
 /// The embedded defaults: `ringbroker` with no arguments serves 127.0.0.1:9092 from
 /// `./ringbroker-data`. Loopback rather than Kafka's all-interfaces default, so that a broker
@@ -463,6 +473,13 @@ impl Config {
             mailbox_capacity: reader.int(KEY_MAILBOX, 1024, 1, 1 << 20)? as usize,
             connection_max_inflight_bytes: reader.int(KEY_INFLIGHT, 64 << 20, 1, i64::MAX)? as u64,
             shutdown_timeout_ms: reader.int(KEY_SHUTDOWN_TIMEOUT, 10_000, 0, i64::MAX)? as u64,
+            descriptor_cache_size: reader.int(KEY_DESCRIPTOR_CACHE, 0, 0, 1 << 24)? as usize,
+            max_partitions_per_shard: reader.int(
+                KEY_MAX_PARTITIONS_PER_SHARD,
+                DEFAULT_MAX_PARTITIONS_PER_SHARD as i64,
+                1,
+                1 << 24,
+            )? as usize,
         };
         Ok(Loaded { config, warnings })
     }
@@ -559,6 +576,11 @@ impl Config {
             format!("{KEY_MAILBOX} = {}", self.mailbox_capacity),
             format!("{KEY_INFLIGHT} = {}", self.connection_max_inflight_bytes),
             format!("{KEY_SHUTDOWN_TIMEOUT} = {}", self.shutdown_timeout_ms),
+            format!("{KEY_DESCRIPTOR_CACHE} = {}", self.descriptor_cache_size),
+            format!(
+                "{KEY_MAX_PARTITIONS_PER_SHARD} = {}",
+                self.max_partitions_per_shard
+            ),
         ]
     }
 }

@@ -70,6 +70,7 @@ impl Node {
     /// Starts every shard and returns once each has built its handler and is accepting.
     pub fn start<F: HandlerFactory>(config: Config, factory: F) -> anyhow::Result<Node> {
         shard::probe::probe_io_uring().context("io_uring is not usable")?;
+        raise_nofile_limit();
         for line in config.summary_lines() {
             tracing::info!("config: {line}");
         }
@@ -203,6 +204,7 @@ impl Node {
                 "shards {late:?} did not finish their handler shutdown"
             ));
         }
+        problems.extend(shard::take_unclean_shutdown());
         drop(self.stop_threads.take());
         let deadline = Instant::now() + grace;
         for thread in std::mem::take(&mut self.threads) {
@@ -355,6 +357,39 @@ fn bind_listeners(config: &Config) -> anyhow::Result<Vec<TcpListener>> {
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, as Kafka's and Redpanda's service files ask the
+/// operator to, and logs both. Segment descriptors are bounded by the per-shard descriptor cache
+/// whatever the limit; a higher limit lets that cache and the connection count be larger.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let error = std::io::Error::last_os_error();
+        tracing::warn!(%error, "cannot read RLIMIT_NOFILE");
+        return;
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            let error = std::io::Error::last_os_error();
+            tracing::warn!(soft = before, hard = limit.rlim_max, %error,
+                "cannot raise the open-files soft limit to the hard limit");
+            return;
+        }
+    }
+    tracing::info!(
+        soft_before = before,
+        soft = limit.rlim_cur,
+        hard = limit.rlim_max,
+        "open-files limit (RLIMIT_NOFILE)"
+    );
 }
 
 /// An exclusive `flock` on `<log.dir>/.lock`, held for the node's life so that two brokers never

@@ -13,6 +13,7 @@ mod errors;
 mod fetch;
 mod group_api;
 pub mod groups;
+mod lifecycle;
 mod metadata;
 mod produce;
 pub mod producer_ids;
@@ -83,6 +84,15 @@ impl HandlerFactory for BrokerFactory {
 
     async fn create(&self, ctx: ShardContext) -> anyhow::Result<BrokerHandler> {
         let config = ctx.config().clone();
+        // Segment descriptors are opened on demand through this shard's bounded cache.
+        let descriptor_cache_size = match config.descriptor_cache_size {
+            0 => crate::storage::descriptors::default_capacity(
+                crate::storage::descriptors::nofile_limit(),
+                config.shard_count,
+            ),
+            size => size,
+        };
+        crate::storage::descriptors::set_capacity(descriptor_cache_size);
         let startup = self
             .startup
             .get_or_init(|| load_startup(&config).map_err(|e| format!("{e:#}")))
@@ -331,31 +341,6 @@ impl ShardBroker {
             Some(frame) => Reply::Send(vec![OutPart::Bytes(frame)]),
             None => Reply::Close,
         }
-    }
-
-    /// Opens (creating if needed) the logs of `topic`'s partitions that this shard owns.
-    async fn open_owned_partitions(&self, topic: &TopicInfo) -> anyhow::Result<()> {
-        let log_config = topic.config.log_config(&self.config);
-        for partition in 0..topic.partitions {
-            if self.owner_of(&topic.name, partition) != self.shard
-                || self.log(&topic.name, partition).is_some()
-            {
-                continue;
-            }
-            let dir = self.log_dir.join(format!("{}-{}", topic.name, partition));
-            let log = PartitionLog::open(&dir, log_config.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("opening {}: {e}", dir.display()))?;
-            crate::storage::write_partition_metadata(&dir, topic.id)
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("writing partition.metadata in {}: {e}", dir.display())
-                })?;
-            self.logs
-                .borrow_mut()
-                .insert((topic.name.clone(), partition), Rc::new(log));
-        }
-        Ok(())
     }
 
     /// Creates a topic, wherever the request arrived: the work runs on the controller (shard 0).
@@ -618,12 +603,24 @@ impl ShardBroker {
         if let Err(e) = self.groups.flush().await {
             error!(error = %e, "flushing the offsets log failed");
         }
-        for ((topic, partition), log) in self.owned_logs() {
-            if let Err(e) = log.close().await {
-                error!(%topic, partition, error = %e, "closing log failed");
-            }
+        let started = std::time::Instant::now();
+        let partitions = self.logs.borrow().len();
+        let unclean = self.close_all_partitions().await;
+        info!(
+            shard = self.shard,
+            partitions,
+            unclean = unclean.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "shard stopped"
+        );
+        if !unclean.is_empty() {
+            crate::shard::report_unclean_shutdown(format!(
+                "shard {}: {} partitions not marked clean: {}",
+                self.shard,
+                unclean.len(),
+                unclean.join(", ")
+            ));
         }
-        info!(shard = self.shard, "shard stopped");
     }
 }
 

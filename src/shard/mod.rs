@@ -139,6 +139,25 @@ pub enum SpawnError {
     },
 }
 
+/// What shard handlers could not finish at shutdown (partitions not marked clean), for the node to
+/// name in its exit status. Process-wide because a process runs one node.
+static UNCLEAN_SHUTDOWN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Records something a handler's shutdown left undone; the node then exits non-zero naming it.
+pub fn report_unclean_shutdown(what: String) {
+    if let Ok(mut all) = UNCLEAN_SHUTDOWN.lock() {
+        all.push(what);
+    }
+}
+
+/// Takes what `report_unclean_shutdown` recorded.
+pub fn take_unclean_shutdown() -> Vec<String> {
+    UNCLEAN_SHUTDOWN
+        .lock()
+        .map(|mut all| std::mem::take(&mut *all))
+        .unwrap_or_default()
+}
+
 /// Starts `config.shard_count` threads, each pinned to a core (round robin over the cores this
 /// process may use) and running a compio runtime. On each, the mailbox dispatcher is started and
 /// then `main(ctx)` runs to completion; the thread ends when `main`'s future does.

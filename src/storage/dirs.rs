@@ -102,6 +102,22 @@ pub(crate) async fn remove_dir_contents(disk: &Disk, dir: &Path) -> Result<(), S
         .map_err(|source| StorageError::io("remove_dir", dir, source))
 }
 
+/// Makes everything written to the filesystem holding `log_dir` durable with one `syncfs`, instead
+/// of one fsync per file: how a shutdown makes thousands of partitions' clean markers durable.
+pub fn sync_filesystem(log_dir: &Path) -> Result<(), StorageError> {
+    let dir =
+        std::fs::File::open(log_dir).map_err(|source| StorageError::io("open", log_dir, source))?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+        return Err(StorageError::io(
+            "syncfs",
+            log_dir,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// Writes `partition.metadata` in Kafka's format (`version: 0`, `topic_id: <base64 uuid>`), atomically.
 pub async fn write_partition_metadata(
     partition_dir: &Path,

@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use super::batch::{self, BATCH_HEADER_BYTES, BatchHeader, HEADER_PREFIX_BYTES, ValidatedBatch};
 use super::config::LogConfig;
+use super::descriptors::SegmentHandle;
 use super::dirs::{
     self, CLEAN_SHUTDOWN_FILE, Checkpoint, DELETE_DIR_SUFFIX, RECOVERY_CHECKPOINT_FILE,
 };
@@ -99,7 +100,7 @@ pub(crate) struct LogState {
     pub flush_in_flight: bool,
     /// Closed segments whose data may not be fdatasync'ed yet; the next flush syncs them before the
     /// active one (Kafka also flushes a rolled segment asynchronously, not in the rolling append).
-    pub unsynced_closed: Vec<SegmentFile>,
+    pub unsynced_closed: Vec<SegmentHandle>,
     pub checkpoint: Option<Checkpoint>,
     pub last_checkpoint_ms: i64,
     /// An append was cancelled or failed mid-write: bytes past the active segment's size may be garbage.
@@ -456,6 +457,7 @@ impl PartitionLog {
             let active = state.active();
             (active.log.clone(), active.size_bytes, state.log_end_offset)
         };
+        let file = file.open(&self.disk).await?;
         debug_assert_eq!(
             base_offset, plan.first_new_offset,
             "the log end moved under the turn"
@@ -748,7 +750,10 @@ impl PartitionLog {
         let disk = self.disk.clone();
         let target = file.clone();
         let result = self
-            .detached(async move { disk.set_len(target.file(), size).await })
+            .detached(async move {
+                let target = target.open_io(&disk).await?;
+                disk.set_len(target.file(), size).await
+            })
             .await;
         match result {
             Ok(()) => {
@@ -832,12 +837,8 @@ impl PartitionLog {
             disk.set_len(&file, 0)
                 .await
                 .map_err(|source| StorageError::io("truncate", &log_path, source))?;
-            let segment = Segment::new(
-                &dir,
-                base_offset,
-                SegmentFile::new(file, log_path, base_offset),
-                now_ms,
-            );
+            let (handle, _) = SegmentHandle::adopt(file, log_path, base_offset);
+            let segment = Segment::new(&dir, base_offset, handle, now_ms);
             for path in [&segment.index_path, &segment.time_index_path] {
                 let index = disk
                     .open_rw(path, true)
@@ -986,9 +987,14 @@ impl PartitionLog {
         let mut result = Ok(());
         let mut file = files[0].clone();
         // Oldest first: the durable offset may only move once every byte before it is synced.
+        // fdatasync acts on the inode, so a descriptor reopened after eviction syncs what an
+        // evicted one wrote.
         for candidate in files {
             file = candidate;
-            result = self.disk.sync_data(file.file()).await;
+            result = match file.open_io(&self.disk).await {
+                Ok(open) => self.disk.sync_data(open.file()).await,
+                Err(error) => Err(error),
+            };
             if result.is_err() {
                 break;
             }
@@ -1049,7 +1055,7 @@ impl PartitionLog {
         max_bytes: u32,
         min_one_batch: bool,
     ) -> Result<ReadSlice, ReadError> {
-        let (file, scan_from, limit) = {
+        let (file, scan_from, limit) = 'chosen: {
             let state = self.state.borrow();
             self.usable_for_read(&state)?;
             if offset < state.log_start_offset || offset > state.log_end_offset {
@@ -1065,11 +1071,9 @@ impl PartitionLog {
                     .segments
                     .get(&high_watermark.segment_base)
                     .unwrap_or_else(|| state.active());
-                return Ok(ReadSlice {
-                    file: segment.log.clone(),
-                    position: high_watermark.position.min(segment.size_bytes),
-                    len: 0,
-                });
+                // Nothing to send: an empty scan range gives the empty slice below.
+                let position = high_watermark.position.min(segment.size_bytes);
+                break 'chosen (segment.log.clone(), position, position);
             }
             let (_, segment) = state
                 .segments
@@ -1086,6 +1090,7 @@ impl PartitionLog {
             let scan_from = u64::from(segment.index.lookup(segment.relative(offset)));
             (segment.log.clone(), scan_from, limit)
         };
+        let file = self.open_for_read(&file, offset).await?;
         let found = self
             .find_batch(&file, scan_from, limit, |header| {
                 header.last_offset() >= offset
@@ -1114,6 +1119,31 @@ impl PartitionLog {
             position,
             len: len.min(u64::from(u32::MAX)) as u32,
         })
+    }
+
+    /// Opens a segment for a read through the descriptor cache. Retention may have deleted the
+    /// segment since the read chose it (before, the read held its descriptor); the read then gets
+    /// the answer it would get had it come a moment later: the offset is out of range.
+    async fn open_for_read(
+        &self,
+        handle: &SegmentHandle,
+        offset: i64,
+    ) -> Result<SegmentFile, ReadError> {
+        match handle.open(&self.disk).await {
+            Ok(file) => Ok(file),
+            Err(error) => {
+                let state = self.state.borrow();
+                let gone = !state.segments.contains_key(&handle.base_offset());
+                if gone && offset < state.log_start_offset {
+                    return Err(ReadError::OffsetOutOfRange {
+                        offset,
+                        log_start_offset: state.log_start_offset,
+                        log_end_offset: state.log_end_offset,
+                    });
+                }
+                Err(error.into())
+            }
+        }
     }
 
     fn usable_for_read(&self, state: &LogState) -> Result<(), StorageError> {
@@ -1215,6 +1245,7 @@ impl PartitionLog {
                 state.log_start_offset,
             )
         };
+        let file = file.open(&self.disk).await?;
         // Walk batches whose max timestamp reaches the target; read the whole batch to find the record.
         let mut position = scan_from;
         while position < limit {
@@ -1419,18 +1450,31 @@ impl PartitionLog {
     /// so the next open skips the recovery scan. A log that failed earlier is closed without the
     /// marker (the next open recovers it) and the failure is returned.
     pub async fn close(&self) -> Result<(), StorageError> {
+        self.close_with_marker(true).await
+    }
+
+    /// `close`, except that the clean-shutdown marker is written without its own fsync: the caller
+    /// closes many logs and then makes every marker durable with one `dirs::sync_filesystem`.
+    /// Everything the marker vouches for (data, indexes, checkpoint, snapshot) is durable before the
+    /// marker is created, so a crash before that sync leaves either no marker (a recovery scan) or a
+    /// marker that is true.
+    pub async fn close_deferring_marker_sync(&self) -> Result<(), StorageError> {
+        self.close_with_marker(false).await
+    }
+
+    async fn close_with_marker(&self, sync_marker: bool) -> Result<(), StorageError> {
         let _turn = self.enter_turn().await;
         if self.state.borrow().closed {
             return Ok(());
         }
-        let result = self.close_locked().await;
+        let result = self.close_locked(sync_marker).await;
         self.state.borrow_mut().closed = true;
         self.high_watermark_moved.wake_all();
         self.flush_done.wake_all();
         result
     }
 
-    async fn close_locked(&self) -> Result<(), StorageError> {
+    async fn close_locked(&self, sync_marker: bool) -> Result<(), StorageError> {
         self.usable(&self.state.borrow())?;
         self.cut_dirty_tail().await?;
         self.flush_through(i64::MAX).await?;
@@ -1445,20 +1489,37 @@ impl PartitionLog {
         }
         let end = self.state.borrow().end_position();
         debug_assert_eq!(end.segment_base, active_base);
-        self.write_checkpoint(Checkpoint {
+        let checkpoint = Checkpoint {
             offset: end.offset,
             segment_base: end.segment_base,
             position: end.position,
-        })
-        .await?;
+        };
+        // An idle partition's checkpoint is already at its end: rewriting it would cost two fsyncs
+        // per partition at every shutdown.
+        if self.state.borrow().checkpoint != Some(checkpoint) {
+            self.write_checkpoint(checkpoint).await?;
+        }
         // The producer state as of the log end, so the next open needs no rebuild scan.
         self.write_snapshot_locked(super::recovery::wall_clock_ms(std::time::SystemTime::now()))
             .await;
         let marker = self.dir.join(CLEAN_SHUTDOWN_FILE);
-        self.disk
-            .write_file_atomically(&marker, b"clean\n".to_vec())
-            .await
-            .map_err(|source| StorageError::io("write clean marker", &marker, source))?;
+        if sync_marker {
+            self.disk
+                .write_file_atomically(&marker, b"clean\n".to_vec())
+                .await
+                .map_err(|source| StorageError::io("write clean marker", &marker, source))?;
+        } else {
+            // Only the marker's name matters to the next open, so it needs no rename either.
+            let file = self
+                .disk
+                .open_rw(&marker, true)
+                .await
+                .map_err(|source| StorageError::io("write clean marker", &marker, source))?;
+            self.disk
+                .write_all_at(&file, b"clean\n".to_vec(), 0)
+                .await
+                .map_err(|source| StorageError::io("write clean marker", &marker, source))?;
+        }
         Ok(())
     }
 

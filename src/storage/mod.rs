@@ -9,6 +9,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod descriptors;
 pub mod dirs;
 pub mod disk;
 pub mod error;
@@ -21,9 +22,10 @@ pub mod testing;
 mod waiters;
 
 pub use config::LogConfig;
+pub use descriptors::SegmentHandle;
 pub use dirs::{
     PartitionDir, list_partition_dirs, partition_dir, read_partition_metadata,
-    remove_deleted_partition_dirs, write_partition_metadata,
+    remove_deleted_partition_dirs, sync_filesystem, write_partition_metadata,
 };
 pub use disk::{Disk, Fault, FaultInjector, IoKind};
 pub use error::{AppendError, ReadError, StorageError};

@@ -11,13 +11,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::batch::{self, BATCH_HEADER_BYTES};
 use super::config::LogConfig;
+use super::descriptors::SegmentHandle;
 use super::dirs::{CLEAN_SHUTDOWN_FILE, Checkpoint, RECOVERY_CHECKPOINT_FILE};
 use super::disk::Disk;
 use super::error::StorageError;
 use super::index::{self, OFFSET_ENTRY_BYTES, SegmentIndex, TIME_ENTRY_BYTES};
 use super::log::{LogPosition, LogState, PartitionLog};
 use super::producer_state::{ProducerStateMap, snapshot_file_name};
-use super::segment::{ScanEnd, Segment, SegmentFile, parse_segment_name, scan_segment};
+use super::segment::{ScanEnd, Segment, parse_segment_name, scan_segment};
 use super::waiters::{Turnstile, Waiters};
 
 pub(super) fn wall_clock_ms(time: SystemTime) -> i64 {
@@ -162,7 +163,7 @@ impl PartitionLog {
             let mut segment = Segment::new(
                 dir,
                 base,
-                SegmentFile::new(file, log_path.clone(), base),
+                SegmentHandle::adopt(file, log_path.clone(), base).0,
                 modified_ms,
             );
             let previous_end = segments
@@ -226,7 +227,7 @@ impl PartitionLog {
                     %reason,
                     "truncating torn or corrupt log tail"
                 );
-                disk.set_len(segment.log.file(), position)
+                disk.set_len(segment.log.open(&disk).await?.file(), position)
                     .await
                     .map_err(|source| StorageError::io("truncate", &log_path, source))?;
                 truncated = true;
@@ -272,6 +273,7 @@ impl PartitionLog {
                 )
             };
             for file in unsynced {
+                let file = file.open(&disk).await?;
                 disk.sync_data(file.file())
                     .await
                     .map_err(|source| StorageError::io("fdatasync", file.path(), source))?;
@@ -422,7 +424,7 @@ impl PartitionLog {
         producers: &mut ProducerStateMap,
         now_ms: i64,
     ) -> Result<bool, StorageError> {
-        let segments: Vec<(SegmentFile, u64, u64)> = {
+        let segments: Vec<(SegmentHandle, u64, u64)> = {
             let state = self.state.borrow();
             state
                 .segments
@@ -439,6 +441,7 @@ impl PartitionLog {
                 .collect()
         };
         for (file, start, size) in segments {
+            let file = file.open(&self.disk).await?;
             let mut window: Vec<u8> = Vec::new();
             let mut window_start = 0u64;
             let mut position = start;
@@ -619,8 +622,9 @@ async fn read_roll_base(
         return Ok(());
     }
     segment.first_append_ms = Some(modified_ms);
+    let file = segment.log.open(disk).await?;
     let header = disk
-        .read_at(segment.log.file(), BATCH_HEADER_BYTES, 0)
+        .read_at(file.file(), BATCH_HEADER_BYTES, 0)
         .await
         .map_err(|source| StorageError::io("read", segment.log.path(), source))?;
     if header.len() == BATCH_HEADER_BYTES && batch::max_timestamp(&header) >= 0 {

@@ -10,6 +10,7 @@ use std::rc::Rc;
 use compio::fs::File;
 
 use super::batch::{self, BATCH_HEADER_BYTES, BatchHeader, CRC_COVERED_FROM, HEADER_PREFIX_BYTES};
+use super::descriptors::SegmentHandle;
 use super::disk::Disk;
 use super::error::StorageError;
 use super::index::{OffsetEntry, SegmentIndex, TimeEntry};
@@ -92,7 +93,8 @@ impl fmt::Debug for SegmentFile {
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub base_offset: i64,
-    pub log: SegmentFile,
+    /// The `.log` by name; its descriptor comes from the shard's descriptor cache when needed.
+    pub log: SegmentHandle,
     pub index_path: PathBuf,
     pub time_index_path: PathBuf,
     /// Bytes of whole, accepted batches. The file may be longer only after an interrupted write, which
@@ -116,7 +118,7 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    pub(crate) fn new(dir: &Path, base_offset: i64, log: SegmentFile, now_ms: i64) -> Segment {
+    pub(crate) fn new(dir: &Path, base_offset: i64, log: SegmentHandle, now_ms: i64) -> Segment {
         let stem = segment_stem(base_offset);
         Segment {
             base_offset,
@@ -218,7 +220,7 @@ pub(crate) async fn scan_segment(
     index_interval_bytes: u32,
     index_limits: (usize, usize),
 ) -> Result<ScanEnd, StorageError> {
-    let file = segment.log.clone();
+    let file = segment.log.open(disk).await?;
     let path = file.path().to_path_buf();
     let mut window = Window::default();
     let mut position = from_position;
