@@ -210,3 +210,150 @@ fn five_thousand_partitions_are_served_under_a_1024_descriptor_limit() {
     let (code, _) = broker.stop();
     assert_eq!(code, Some(0), "clean shutdown after restart");
 }
+
+/// The partition directories of `topic` in a data dir.
+fn partition_dirs(data_dir: &Path, topic: &str) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(data_dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| {
+                    name.rsplit_once('-').is_some_and(|(prefix, index)| {
+                        prefix == topic && index.parse::<i32>().is_ok()
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+fn topic_names(bootstrap: &str) -> Vec<String> {
+    use rdkafka::consumer::Consumer;
+    let consumer = kafka::consumer(bootstrap, &[]);
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata");
+    metadata
+        .topics()
+        .iter()
+        .map(|topic| topic.name().to_string())
+        .collect()
+}
+
+/// Issue 10: a CreateTopics beyond `ringbroker.max.partitions.per.shard` is refused up front with
+/// INVALID_PARTITIONS and creates nothing; topics that fit the budget exactly are created; a
+/// CreateTopics validate-only run is refused the same way.
+#[test]
+fn creation_beyond_the_partition_budget_is_refused_and_creates_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let mut broker =
+        ScaleBroker::start(&data_dir, None, &["ringbroker.max.partitions.per.shard=50"]);
+    broker.wait_serving(Duration::from_secs(20));
+    let bootstrap = broker.bootstrap();
+    create(&bootstrap, "first", 30, Duration::from_secs(20)).expect("30 of 50 fits");
+    assert_eq!(
+        create(&bootstrap, "second", 30, Duration::from_secs(20)),
+        Err(RDKafkaErrorCode::InvalidPartitions)
+    );
+    assert!(
+        partition_dirs(&data_dir, "second").is_empty(),
+        "nothing created"
+    );
+    assert!(!topic_names(&bootstrap).contains(&"second".to_string()));
+    let admin = kafka::admin(&bootstrap);
+    let validate = AdminOptions::new().validate_only(true);
+    let results = futures_executor::block_on(admin.create_topics(
+        [&NewTopic::new("second", 21, TopicReplication::Fixed(1))],
+        &validate,
+    ))
+    .unwrap();
+    assert!(matches!(
+        results[0],
+        Err((_, RDKafkaErrorCode::InvalidPartitions))
+    ));
+    create(&bootstrap, "third", 20, Duration::from_secs(20)).expect("exactly the budget fits");
+    assert_eq!(partition_dirs(&data_dir, "third").len(), 20);
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+}
+
+/// Issue 10: a creation that fails midway (one partition directory cannot be made) removes every
+/// partition it made and answers KAFKA_STORAGE_ERROR; once the cause is gone the same topic can be
+/// created.
+#[test]
+fn a_creation_failing_midway_removes_what_it_made() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    // A plain file where partition 7's directory must go makes that partition's open fail.
+    std::fs::write(data_dir.join("half-7"), b"in the way").unwrap();
+    let mut broker = ScaleBroker::start(&data_dir, None, &[]);
+    broker.wait_serving(Duration::from_secs(20));
+    let bootstrap = broker.bootstrap();
+    assert_eq!(
+        create(&bootstrap, "half", 16, Duration::from_secs(20)),
+        Err(RDKafkaErrorCode::KafkaStorageError)
+    );
+    let left: Vec<String> = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("half"))
+        .collect();
+    assert_eq!(
+        left,
+        vec!["half-7".to_string()],
+        "only the obstacle is left"
+    );
+    assert!(!topic_names(&bootstrap).contains(&"half".to_string()));
+    std::fs::remove_file(data_dir.join("half-7")).unwrap();
+    create(&bootstrap, "half", 16, Duration::from_secs(20)).expect("created once possible");
+    produce_to(&bootstrap, "half", &[7], "after");
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+}
+
+/// Issue 10: a crash in the middle of a creation (simulated by the state it leaves on disk: the
+/// creation marker and some partition directories, no definition) is undone at the next start: the
+/// broker starts, never serves the half-created topic, and the name can be created again.
+#[test]
+fn a_creation_interrupted_by_a_crash_is_undone_at_the_next_start() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let mut broker = ScaleBroker::start(&data_dir, None, &[]);
+    broker.wait_serving(Duration::from_secs(20));
+    create(&broker.bootstrap(), "whole", 4, Duration::from_secs(20)).unwrap();
+    produce_to(&broker.bootstrap(), "whole", &[1], "kept");
+    broker.kill();
+    // What a crash after the first partitions were made leaves behind.
+    let topics_dir = data_dir.join(".ringbroker-topics");
+    std::fs::write(
+        topics_dir.join("torn.creating"),
+        "topic.id=6f1c2a6e-3b55-4a36-9d5e-111111111111\npartitions=8\n",
+    )
+    .unwrap();
+    for partition in 0..3 {
+        let dir = data_dir.join(format!("torn-{partition}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("00000000000000000000.log"), b"").unwrap();
+    }
+    let mut broker = ScaleBroker::start(&data_dir, None, &[]);
+    broker.wait_serving(Duration::from_secs(20));
+    let bootstrap = broker.bootstrap();
+    assert!(partition_dirs(&data_dir, "torn").is_empty());
+    assert!(!topics_dir.join("torn.creating").exists());
+    let names = topic_names(&bootstrap);
+    assert!(!names.contains(&"torn".to_string()));
+    assert!(
+        names.contains(&"whole".to_string()),
+        "other topics are untouched"
+    );
+    assert_eq!(read_partition(&bootstrap, "whole", 1, 3).len(), 3);
+    create(&bootstrap, "torn", 8, Duration::from_secs(20)).expect("the name is free again");
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+}

@@ -20,7 +20,7 @@ pub mod producer_ids;
 pub mod topics;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
@@ -119,7 +119,7 @@ impl HandlerFactory for BrokerFactory {
             cluster_id: startup.cluster_id,
             topics: RefCell::new(startup.topics.clone()),
             logs: RefCell::new(HashMap::new()),
-            creating: RefCell::new(HashSet::new()),
+            creating: RefCell::new(HashMap::new()),
             stopping: Cell::new(false),
             groups,
             producer_ids,
@@ -156,9 +156,16 @@ fn load_startup(config: &Config) -> anyhow::Result<Startup> {
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", meta_path.display())),
     };
-    let topics = TopicStore::new(&config.log_dir)
-        .load()
-        .context("loading topic definitions")?;
+    let store = TopicStore::new(&config.log_dir);
+    // A creation a crash interrupted is finished or undone before anything is opened, so a
+    // half-created topic is never served and never blocks startup.
+    for name in store
+        .finish_interrupted_creations(&config.log_dir)
+        .context("finishing interrupted topic creations")?
+    {
+        warn!(topic = %name, "removed a topic whose creation a crash interrupted");
+    }
+    let topics = store.load().context("loading topic definitions")?;
     info!(topics = topics.by_name.len(), %cluster_id, "loaded topic table");
     Ok(Startup {
         cluster_id,
@@ -207,8 +214,9 @@ pub struct ShardBroker {
     topics: RefCell<Arc<TopicsSnapshot>>,
     /// The partitions this shard owns, by (topic, partition).
     logs: RefCell<HashMap<(String, i32), Rc<PartitionLog>>>,
-    /// Topics the controller is creating right now; used only on shard 0.
-    creating: RefCell<HashSet<String>>,
+    /// Topics the controller is creating right now, with their partition counts (they count against
+    /// the partition budget); used only on shard 0.
+    creating: RefCell<HashMap<String, i32>>,
     stopping: Cell<bool>,
     /// The consumer groups this shard coordinates.
     groups: GroupCoordinator,
@@ -373,47 +381,24 @@ impl ShardBroker {
         validate_only: bool,
     ) -> Result<TopicInfo, TopicError> {
         debug_assert_eq!(self.shard, 0, "only the controller creates topics");
-        if self.topics().get(&topic.name).is_some() || self.creating.borrow().contains(&topic.name)
+        if self.topics().get(&topic.name).is_some()
+            || self.creating.borrow().contains_key(&topic.name)
         {
             return Err(TopicError::new(
                 code::TOPIC_ALREADY_EXISTS,
                 format!("Topic '{}' already exists.", topic.name),
             ));
         }
+        self.check_partition_budget(&topic)?;
         if validate_only {
             return Ok(topic);
         }
-        self.creating.borrow_mut().insert(topic.name.clone());
+        self.creating
+            .borrow_mut()
+            .insert(topic.name.clone(), topic.partitions);
         let result = self.controller_create_topic_inner(&topic).await;
         self.creating.borrow_mut().remove(&topic.name);
         result.map(|()| topic)
-    }
-
-    async fn controller_create_topic_inner(&self, topic: &TopicInfo) -> Result<(), TopicError> {
-        let storage_error = |e: String| TopicError::new(code::KAFKA_STORAGE_ERROR, e);
-        TopicStore::new(&self.log_dir)
-            .save(topic)
-            .map_err(|e| storage_error(format!("saving topic definition: {e}")))?;
-        // Open every owner's logs before the topic becomes visible, so that no client learns of a
-        // leader that does not yet have the partition.
-        for shard in 0..self.shard_count {
-            let info = topic.clone();
-            let opened = self
-                .ctx
-                .run_on(shard, move || async move {
-                    current()
-                        .open_owned_partitions(&info)
-                        .await
-                        .map_err(|e| format!("{e:#}"))
-                })
-                .await
-                .map_err(|e| storage_error(format!("shard {shard} unreachable: {e}")))?;
-            opened.map_err(storage_error)?;
-        }
-        let snapshot = Arc::new(self.topics().with_topic(topic.clone()));
-        self.publish_topics(snapshot).await;
-        info!(topic = %topic.name, partitions = topic.partitions, id = %topic.id, "topic created");
-        Ok(())
     }
 
     /// Deletes a topic, wherever the request arrived: the work runs on the controller (shard 0).

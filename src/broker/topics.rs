@@ -19,6 +19,9 @@ use crate::storage::LogConfig;
 /// Kafka's own limit on topic names (`Topic.MAX_NAME_LENGTH`).
 const MAX_TOPIC_NAME_LENGTH: usize = 249;
 
+/// Suffix of the marker of a topic creation in progress, beside the definitions.
+const CREATING_SUFFIX: &str = ".creating";
+
 /// The directory, inside the log dir, that holds one properties file per topic.
 pub const TOPICS_DIR_NAME: &str = ".ringbroker-topics";
 
@@ -339,6 +342,83 @@ impl TopicStore {
         }
         fs::rename(&temp_path, &final_path)?;
         fs::File::open(&self.dir)?.sync_all()
+    }
+
+    fn creating_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}{CREATING_SUFFIX}"))
+    }
+
+    /// Records, durably, that `topic` is being created: until `clear_creating`, a start finds the
+    /// marker and removes whatever the creation made unless the definition was written.
+    pub fn mark_creating(&self, topic: &TopicInfo) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        let path = self.creating_path(&topic.name);
+        {
+            let file = fs::File::create(&path)?;
+            io::Write::write_all(
+                &mut &file,
+                format!("topic.id={}\npartitions={}\n", topic.id, topic.partitions).as_bytes(),
+            )?;
+            file.sync_all()?;
+        }
+        fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Drops the creation marker (the creation finished, or was fully undone).
+    pub fn clear_creating(&self, name: &str) -> io::Result<()> {
+        match fs::remove_file(self.creating_path(name)) {
+            Ok(()) => fs::File::open(&self.dir)?.sync_all(),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// At startup, before any partition is opened: finishes creations a crash interrupted. A marked
+    /// topic whose definition was written is complete (only the marker goes); one without a
+    /// definition was never visible to a client, so its partition directories, which hold no
+    /// records, are removed with the marker. Returns the names of the topics removed.
+    pub fn finish_interrupted_creations(&self, log_dir: &Path) -> io::Result<Vec<String>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(error),
+        };
+        let mut marked = Vec::new();
+        for entry in entries {
+            let file_name = entry?.file_name();
+            if let Some(name) = file_name
+                .to_str()
+                .and_then(|n| n.strip_suffix(CREATING_SUFFIX))
+            {
+                marked.push(name.to_string());
+            }
+        }
+        let mut removed = Vec::new();
+        for name in marked {
+            if !self.path(&name).exists() {
+                for entry in fs::read_dir(log_dir)? {
+                    let entry = entry?;
+                    let dir_name = entry.file_name().to_string_lossy().into_owned();
+                    let ours = crate::storage::dirs::parse_partition_dir_name(&dir_name)
+                        .is_some_and(|(topic, _)| topic == name);
+                    if ours && entry.file_type()?.is_dir() {
+                        let doomed = log_dir.join(format!(
+                            "{dir_name}.{}{}",
+                            Uuid::new_v4().simple(),
+                            crate::storage::dirs::DELETE_DIR_SUFFIX
+                        ));
+                        fs::rename(entry.path(), &doomed)?;
+                        fs::remove_dir_all(&doomed)?;
+                    }
+                }
+                removed.push(name.clone());
+            }
+            self.clear_creating(&name)?;
+        }
+        if !removed.is_empty() {
+            fs::File::open(log_dir)?.sync_all()?;
+        }
+        Ok(removed)
     }
 
     pub fn remove(&self, name: &str) -> io::Result<()> {

@@ -86,6 +86,32 @@ pub async fn remove_deleted_partition_dirs(log_dir: &Path) -> Result<usize, Stor
     Ok(removed)
 }
 
+/// Removes a partition directory that holds no data anyone has seen (a topic creation that failed):
+/// renamed to `…-delete` first, like a deleted partition, so a crash midway is finished at the next
+/// start. A directory that does not exist is fine; a file in its place is not ours and stays.
+pub async fn discard_partition_dir(dir: &Path) -> Result<(), StorageError> {
+    let disk = Disk::real();
+    // Only a directory is ours to remove; anything else in its place is left alone.
+    match std::fs::symlink_metadata(dir) {
+        Ok(metadata) if metadata.is_dir() => {}
+        Ok(_) => return Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(StorageError::io("stat", dir, source)),
+    }
+    let name = dir
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let doomed = dir.with_file_name(format!(
+        "{name}.{}{DELETE_DIR_SUFFIX}",
+        Uuid::new_v4().simple()
+    ));
+    disk.rename(dir, &doomed)
+        .await
+        .map_err(|source| StorageError::io("rename", dir, source))?;
+    remove_dir_contents(&disk, &doomed).await
+}
+
 /// Removes a directory holding only files (a partition directory).
 pub(crate) async fn remove_dir_contents(disk: &Disk, dir: &Path) -> Result<(), StorageError> {
     let entries = disk

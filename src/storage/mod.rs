@@ -24,8 +24,9 @@ mod waiters;
 pub use config::LogConfig;
 pub use descriptors::SegmentHandle;
 pub use dirs::{
-    PartitionDir, list_partition_dirs, partition_dir, read_partition_metadata,
-    remove_deleted_partition_dirs, sync_filesystem, write_partition_metadata,
+    PartitionDir, discard_partition_dir, list_partition_dirs, partition_dir,
+    read_partition_metadata, remove_deleted_partition_dirs, sync_filesystem,
+    write_partition_metadata,
 };
 pub use disk::{Disk, Fault, FaultInjector, IoKind};
 pub use error::{AppendError, ReadError, StorageError};
