@@ -24,6 +24,16 @@ struct ScaleBroker {
 
 impl ScaleBroker {
     fn start(data_dir: &Path, nofile_limit: Option<u64>, overrides: &[&str]) -> ScaleBroker {
+        Self::start_logging(data_dir, nofile_limit, overrides, None)
+    }
+
+    /// `start`, with the broker's log written to `log_path` when given.
+    fn start_logging(
+        data_dir: &Path,
+        nofile_limit: Option<u64>,
+        overrides: &[&str],
+        log_path: Option<&Path>,
+    ) -> ScaleBroker {
         let (port, listeners) = support::bind_port_range(1);
         drop(listeners);
         let mut command = Command::new(env!("CARGO_BIN_EXE_ringbroker"));
@@ -34,11 +44,12 @@ impl ScaleBroker {
             .arg(format!("log.dirs={}", data_dir.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("RINGBROKER_TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            });
+            .stderr(match log_path {
+                Some(path) => Stdio::from(std::fs::File::create(path).expect("broker log file")),
+                None if std::env::var_os("RINGBROKER_TEST_LOG").is_some() => Stdio::inherit(),
+                None => Stdio::null(),
+            })
+            .env("NO_COLOR", "1");
         for extra in overrides {
             command.arg("--override").arg(extra);
         }
@@ -356,4 +367,121 @@ fn a_creation_interrupted_by_a_crash_is_undone_at_the_next_start() {
     create(&bootstrap, "torn", 8, Duration::from_secs(20)).expect("the name is free again");
     let (code, _) = broker.stop();
     assert_eq!(code, Some(0));
+}
+
+/// A size-limited tmpfs mounted for one test and detached when dropped.
+struct SmallFilesystem {
+    path: PathBuf,
+}
+
+impl SmallFilesystem {
+    /// Mounts a tmpfs of `size_bytes` at `path`; `None` when the test may not mount (not root).
+    fn mount(path: &Path, size_bytes: u64) -> Option<SmallFilesystem> {
+        use std::ffi::CString;
+        std::fs::create_dir_all(path).unwrap();
+        let target = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let options = CString::new(format!("size={size_bytes}")).unwrap();
+        // SAFETY: mount with valid NUL-terminated strings.
+        let mounted = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        (mounted == 0).then(|| SmallFilesystem {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        use std::ffi::CString;
+        let target = CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: unmounting what `mount` mounted.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Issue 10: a full log dir answers KAFKA_STORAGE_ERROR (librdkafka's delivery fails) and is logged
+/// once at ERROR naming the path, errno and partition, however many appends it refuses; once space
+/// is freed the next append succeeds and "log dir writable again" is logged once. Needs to mount a
+/// small tmpfs, so it runs as root (the test environment) and says so when it cannot.
+#[test]
+fn a_full_disk_is_logged_once_when_it_starts_and_once_when_it_clears() {
+    let temp = tempfile::tempdir().unwrap();
+    let Some(filesystem) = SmallFilesystem::mount(&temp.path().join("small"), 4 << 20) else {
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    };
+    let data_dir = filesystem.path.join("data");
+    let log_path = temp.path().join("broker.log");
+    let mut broker = ScaleBroker::start_logging(&data_dir, None, &[], Some(&log_path));
+    broker.wait_serving(Duration::from_secs(20));
+    let bootstrap = broker.bootstrap();
+    create(&bootstrap, "full", 2, Duration::from_secs(20)).unwrap();
+    produce_to(&bootstrap, "full", &[0], "before");
+    // Fill the file system to the last block.
+    let filler = filesystem.path.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let small = [0u8; 512];
+        while file.write_all(&small).is_ok() {}
+    }
+    let producer = kafka::producer(
+        &bootstrap,
+        &[("message.timeout.ms", "3000"), ("linger.ms", "0")],
+    );
+    use rdkafka::producer::{BaseRecord, Producer};
+    for partition in [0, 1, 0] {
+        let value = vec![7u8; 64 * 1024];
+        producer
+            .send(
+                BaseRecord::<(), Vec<u8>>::to("full")
+                    .payload(&value)
+                    .partition(partition),
+            )
+            .map_err(|(error, _)| error)
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).ok();
+    }
+    let reports = producer.context().reports.lock().unwrap().clone();
+    assert_eq!(reports.len(), 3);
+    assert!(
+        reports.iter().all(Result::is_err),
+        "every append on the full disk fails: {reports:?}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    produce_to(&bootstrap, "full", &[1], "after");
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("log dir not writable"))
+        .collect();
+    assert_eq!(
+        started.len(),
+        1,
+        "one line when the state starts: {started:?}"
+    );
+    assert!(started[0].contains("ERROR"));
+    assert!(started[0].contains("errno=28") && started[0].contains("ENOSPC"));
+    assert!(started[0].contains("topic=\"full\"") || started[0].contains("topic=full"));
+    assert!(started[0].contains("partition="));
+    assert!(
+        started[0].contains(&data_dir.display().to_string()),
+        "names the path"
+    );
+    let cleared = log
+        .lines()
+        .filter(|line| line.contains("log dir writable again"))
+        .count();
+    assert_eq!(cleared, 1, "one line when it clears");
 }

@@ -174,6 +174,8 @@ impl ShardBroker {
                                     ));
                                 }
                                 Err(error) => {
+                                    let name = topic.as_ref().map_or("", |t| t.name.as_str());
+                                    super::disk_errors::note_read_failure(name, partition, &error);
                                     read.error = read_error_code(&error);
                                     any_error = true;
                                 }

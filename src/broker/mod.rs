@@ -9,6 +9,7 @@
 //! - Kafka error codes are produced here (see `errors`), never inside storage.
 
 mod admin;
+mod disk_errors;
 mod errors;
 mod fetch;
 mod group_api;

@@ -10,7 +10,7 @@ use kafka_protocol::protocol::StrBytes;
 use tracing::debug;
 
 use super::errors::{append_error_code, code, storage_error_code};
-use super::{ShardBroker, now_ms};
+use super::{ShardBroker, disk_errors, now_ms};
 use crate::protocol;
 
 /// What a Produce request turns into on the wire.
@@ -69,6 +69,7 @@ impl ShardBroker {
                         None => Some(code::CORRUPT_MESSAGE),
                         Some(records) => match log.append(records, now_ms()).await {
                             Ok(info) => {
+                                disk_errors::note_append_success(&name, index);
                                 response.base_offset = info.base_offset;
                                 response.log_start_offset = info.log_start_offset;
                                 if acks == -1 {
@@ -83,6 +84,7 @@ impl ShardBroker {
                             }
                             Err(error) => {
                                 debug!(topic = %name, partition = index, %error, "append refused");
+                                disk_errors::note_append_failure(&name, index, &error);
                                 response.error_message =
                                     Some(StrBytes::from_string(error.to_string()));
                                 Some(append_error_code(&error))
@@ -108,7 +110,9 @@ impl ShardBroker {
         // acks=all: one group-committed flush per log covers every append above; wait for each.
         for (topic_index, partition_index, last_offset, log) in durable_waits {
             if let Err(error) = log.wait_durable(last_offset).await {
-                let response = &mut responses[topic_index].partition_responses[partition_index];
+                let topic = &mut responses[topic_index];
+                let response = &mut topic.partition_responses[partition_index];
+                disk_errors::note_storage_failure(topic.name.as_str(), response.index, &error);
                 response.error_code = storage_error_code(&error);
                 response.error_message = Some(StrBytes::from_string(error.to_string()));
             }
