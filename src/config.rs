@@ -147,6 +147,8 @@ pub struct Config {
     pub descriptor_cache_size: usize,
     /// Partitions a shard may own; CreateTopics and auto-creation beyond it are refused.
     pub max_partitions_per_shard: usize,
+    /// How long startup retries binding a listening port that is in use.
+    pub listener_bind_retry_ms: u64,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -200,6 +202,7 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_SHUTDOWN_TIMEOUT,
     KEY_DESCRIPTOR_CACHE,
     KEY_MAX_PARTITIONS_PER_SHARD,
+    KEY_BIND_RETRY,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -213,6 +216,7 @@ pub const KEY_INFLIGHT: &str = "ringbroker.connection.max.inflight.bytes";
 pub const KEY_SHUTDOWN_TIMEOUT: &str = "ringbroker.shutdown.timeout.ms";
 pub const KEY_DESCRIPTOR_CACHE: &str = "ringbroker.descriptor.cache.size";
 pub const KEY_MAX_PARTITIONS_PER_SHARD: &str = "ringbroker.max.partitions.per.shard";
+pub const KEY_BIND_RETRY: &str = "ringbroker.listener.bind.retry.ms";
 /// Default partition budget per shard; docs/benchmarks.md ("Partition scale") has the measurement.
 pub const DEFAULT_MAX_PARTITIONS_PER_SHARD: usize = 10_000;
 
@@ -480,6 +484,7 @@ impl Config {
                 1,
                 1 << 24,
             )? as usize,
+            listener_bind_retry_ms: reader.int(KEY_BIND_RETRY, 10_000, 0, 3_600_000)? as u64,
         };
         Ok(Loaded { config, warnings })
     }
@@ -581,6 +586,7 @@ impl Config {
                 "{KEY_MAX_PARTITIONS_PER_SHARD} = {}",
                 self.max_partitions_per_shard
             ),
+            format!("{KEY_BIND_RETRY} = {}", self.listener_bind_retry_ms),
         ]
     }
 }

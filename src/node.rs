@@ -352,11 +352,54 @@ fn bind_listeners(config: &Config) -> anyhow::Result<Vec<TcpListener>> {
             .with_context(|| format!("cannot resolve listener host `{host}`"))?
             .next()
             .with_context(|| format!("listener host `{host}` has no address"))?;
-        let listener = TcpListener::bind(address)
-            .with_context(|| format!("shard {shard} cannot listen on {address}"))?;
+        let listener = bind_with_retry(shard, address, config.listener_bind_retry_ms)?;
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// Binds `address`, retrying EADDRINUSE for up to `retry_ms`: after a SIGKILL the kernel releases
+/// the dead process's listening sockets only when it has torn down its io_uring instances, which
+/// can take a moment, so a supervisor's immediate restart would otherwise fail. Each wait is
+/// logged; any other error, or the port still busy at the deadline, fails startup naming it.
+fn bind_with_retry(
+    shard: usize,
+    address: SocketAddr,
+    retry_ms: u64,
+) -> anyhow::Result<TcpListener> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(retry_ms);
+    let mut attempts = 0u32;
+    // Bounded by the deadline: every round sleeps 100 ms or returns.
+    loop {
+        attempts += 1;
+        match TcpListener::bind(address) {
+            Ok(listener) => {
+                if attempts > 1 {
+                    tracing::info!(shard, %address, attempts, waited_ms = started.elapsed().as_millis() as u64,
+                        "listening port became free");
+                }
+                return Ok(listener);
+            }
+            Err(error)
+                if error.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+            {
+                if attempts == 1 {
+                    tracing::warn!(shard, %address, retry_ms,
+                        "listening port in use (a previous broker may still be ending); retrying");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!(
+                        "shard {shard} cannot listen on {address} (tried for {} ms)",
+                        started.elapsed().as_millis()
+                    )
+                });
+            }
+        }
+    }
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, as Kafka's and Redpanda's service files ask the

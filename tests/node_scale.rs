@@ -36,6 +36,16 @@ impl ScaleBroker {
     ) -> ScaleBroker {
         let (port, listeners) = support::bind_port_range(1);
         drop(listeners);
+        Self::launch(data_dir, port, nofile_limit, overrides, log_path)
+    }
+
+    fn launch(
+        data_dir: &Path,
+        port: u16,
+        nofile_limit: Option<u64>,
+        overrides: &[&str],
+        log_path: Option<&Path>,
+    ) -> ScaleBroker {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ringbroker"));
         command
             .args(["--shards", "1", "--override"])
@@ -484,4 +494,101 @@ fn a_full_disk_is_logged_once_when_it_starts_and_once_when_it_clears() {
         .filter(|line| line.contains("log dir writable again"))
         .count();
     assert_eq!(cleared, 1, "one line when it clears");
+}
+
+/// Issue 10: SIGKILL while librdkafka clients are connected and producing, then an immediate
+/// restart on the same port (as a supervisor does), a few times in a row. The restart waits out
+/// EADDRINUSE while the kernel tears down the dead broker's io_uring instances; the same clients
+/// reconnect, every acknowledged record is still there, and producing goes on.
+#[test]
+fn sigkill_with_connected_clients_then_an_immediate_restart_on_the_same_port() {
+    const ROUNDS: usize = 3;
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let (port, listeners) = support::bind_port_range(1);
+    drop(listeners);
+    let mut broker = ScaleBroker::launch(&data_dir, port, None, &[], None);
+    broker.wait_serving(Duration::from_secs(20));
+    let bootstrap = broker.bootstrap();
+    create(&bootstrap, "kill", 4, Duration::from_secs(20)).unwrap();
+    let producer = kafka::producer(&bootstrap, &[("message.timeout.ms", "30000")]);
+    let consumer = kafka::consumer(&bootstrap, &[]);
+    {
+        use rdkafka::TopicPartitionList;
+        use rdkafka::consumer::Consumer;
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset("kill", 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&assignment).unwrap();
+    }
+    let mut acknowledged = 0;
+    for round in 0..ROUNDS {
+        let records = kafka::records(5, &format!("round{round}"));
+        kafka::produce_all(&producer, "kill", Some(0), &records);
+        acknowledged += records.len();
+        // The consumer is connected and fetching when the broker dies.
+        kafka::poll_records(&consumer, 1, Duration::from_millis(500));
+        broker.kill();
+        let started = Instant::now();
+        broker = ScaleBroker::launch(&data_dir, port, None, &[], None);
+        broker.wait_serving(Duration::from_secs(30));
+        eprintln!(
+            "round {round}: serving again {:?} after SIGKILL",
+            started.elapsed()
+        );
+    }
+    let records = kafka::records(5, "last");
+    kafka::produce_all(&producer, "kill", Some(0), &records);
+    acknowledged += records.len();
+    let values = read_partition(&broker.bootstrap(), "kill", 0, acknowledged);
+    assert_eq!(
+        values.len(),
+        acknowledged,
+        "every acknowledged record survives"
+    );
+    let (code, _) = broker.stop();
+    assert_eq!(code, Some(0));
+}
+
+/// Issue 10: a SIGTERM whose shutdown cannot mark every partition clean within
+/// `ringbroker.shutdown.timeout.ms` (here 0 ms) exits non-zero with a log line naming the
+/// partitions; the next start recovers them and serves every acknowledged record.
+#[test]
+fn a_shutdown_that_cannot_mark_every_partition_clean_exits_non_zero_naming_them() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let log_path = temp.path().join("broker.log");
+    let mut broker = ScaleBroker::start_logging(
+        &data_dir,
+        None,
+        &["ringbroker.shutdown.timeout.ms=0"],
+        Some(&log_path),
+    );
+    broker.wait_serving(Duration::from_secs(20));
+    create(&broker.bootstrap(), "late", 200, Duration::from_secs(30)).unwrap();
+    produce_to(&broker.bootstrap(), "late", &[0, 199], "kept");
+    let (code, _) = broker.stop();
+    assert_ne!(code, Some(0), "not every partition was marked clean");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.lines().any(|line| line.contains("ERROR")
+            && line.contains("not marked clean")
+            && line.contains("late-")),
+        "a line names the partitions not marked clean"
+    );
+    let mut broker = ScaleBroker::start(&data_dir, None, &[]);
+    broker.wait_serving(Duration::from_secs(30));
+    for partition in [0, 199] {
+        assert_eq!(
+            read_partition(&broker.bootstrap(), "late", partition, 3).len(),
+            3
+        );
+    }
+    let (code, _) = broker.stop();
+    assert_eq!(
+        code,
+        Some(0),
+        "with the default timeout every partition is marked clean"
+    );
 }

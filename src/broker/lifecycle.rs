@@ -3,13 +3,19 @@
 //! shutdown, each with bounded concurrency, so thousands of partitions cost the time of their IO
 //! overlapped rather than one after another.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::{Either, select};
 
 use futures_util::stream::{self, StreamExt};
 use tracing::{error, info, warn};
 
-use crate::config::KEY_MAX_PARTITIONS_PER_SHARD;
+use crate::config::{KEY_MAX_PARTITIONS_PER_SHARD, KEY_SHUTDOWN_TIMEOUT};
 use crate::storage::{PartitionLog, descriptors};
 
 use super::errors::code;
@@ -247,23 +253,46 @@ impl ShardBroker {
         }
     }
 
-    /// Closes every log of this shard (flush, indexes, checkpoint, clean marker), concurrently.
-    /// Returns the partitions that could not be marked clean, each with its reason.
-    pub(super) async fn close_all_partitions(&self) -> Vec<String> {
+    /// Closes every log of this shard (flush, indexes, checkpoint, clean marker), concurrently,
+    /// within `timeout`. Returns the partitions that were not marked clean, each with its reason
+    /// (those still closing at the deadline included).
+    pub(super) async fn close_all_partitions(&self, timeout: Duration) -> Vec<String> {
         let logs = self.owned_logs();
-        let mut closing = stream::iter(logs)
-            .map(|((topic, partition), log)| async move {
-                let result = log.close_deferring_marker_sync().await;
-                (topic, partition, result)
-            })
-            .buffer_unordered(partition_io_concurrency());
-        let mut unclean = Vec::new();
-        // Bounded by the number of logs.
-        while let Some((topic, partition, result)) = closing.next().await {
-            if let Err(e) = result {
-                error!(%topic, partition, error = %e, "closing log failed; it will be recovered at the next start");
-                unclean.push(format!("{topic}-{partition}: {e}"));
+        let pending: RefCell<BTreeSet<(String, i32)>> =
+            RefCell::new(logs.iter().map(|(key, _)| key.clone()).collect());
+        let unclean = RefCell::new(Vec::new());
+        let work = async {
+            let mut closing = stream::iter(logs)
+                .map(|((topic, partition), log)| async move {
+                    let result = log.close_deferring_marker_sync().await;
+                    (topic, partition, result)
+                })
+                .buffer_unordered(partition_io_concurrency());
+            // Bounded by the number of logs.
+            while let Some((topic, partition, result)) = closing.next().await {
+                pending.borrow_mut().remove(&(topic.clone(), partition));
+                if let Err(e) = result {
+                    error!(%topic, partition, error = %e, "closing log failed; it will be recovered at the next start");
+                    unclean
+                        .borrow_mut()
+                        .push(format!("{topic}-{partition}: {e}"));
+                }
             }
+        };
+        let deadline = compio::time::sleep(timeout);
+        let finished = matches!(select(pin!(work), pin!(deadline)).await, Either::Left(_));
+        let mut unclean = unclean.into_inner();
+        if !finished {
+            let late = pending.into_inner();
+            error!(
+                shard = self.shard,
+                partitions = late.len(),
+                timeout_ms = timeout.as_millis() as u64,
+                "partitions not closed within {KEY_SHUTDOWN_TIMEOUT}; they will be recovered at the next start"
+            );
+            unclean.extend(late.into_iter().map(|(topic, partition)| {
+                format!("{topic}-{partition}: still closing at the deadline")
+            }));
         }
         // One syncfs makes every marker written above durable.
         if let Err(e) = crate::storage::sync_filesystem(&self.log_dir) {

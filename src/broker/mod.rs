@@ -591,7 +591,8 @@ impl ShardBroker {
         }
         let started = std::time::Instant::now();
         let partitions = self.logs.borrow().len();
-        let unclean = self.close_all_partitions().await;
+        let timeout = Duration::from_millis(self.config.shutdown_timeout_ms);
+        let unclean = self.close_all_partitions(timeout).await;
         info!(
             shard = self.shard,
             partitions,
@@ -600,11 +601,19 @@ impl ShardBroker {
             "shard stopped"
         );
         if !unclean.is_empty() {
+            // Named up to a readable number; the ERROR lines above name each failed one.
+            const NAMED: usize = 20;
+            let more = unclean.len().saturating_sub(NAMED);
             crate::shard::report_unclean_shutdown(format!(
-                "shard {}: {} partitions not marked clean: {}",
+                "shard {}: {} partitions not marked clean: {}{}",
                 self.shard,
                 unclean.len(),
-                unclean.join(", ")
+                unclean[..unclean.len().min(NAMED)].join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
             ));
         }
     }
