@@ -193,7 +193,26 @@ impl ShardBroker {
     /// Opens (creating if needed) the logs of `topic`'s partitions that this shard owns and that are
     /// not open yet, concurrently. Every partition that opened is installed even if another failed
     /// (the caller decides whether to roll back); the first failure is returned.
+    ///
+    /// The opens defer their fsyncs, and one `syncfs` of the log dir makes everything they wrote
+    /// durable before this returns: creating or reopening 10,000 partitions then costs one sync
+    /// instead of about eight per partition. Nothing is served from them before this returns (a
+    /// new topic is published afterwards; at startup the shard is not ready yet), and a crash before
+    /// the sync is no different from a crash during the opens.
     pub(super) async fn open_owned_partitions(&self, topic: &TopicInfo) -> anyhow::Result<()> {
+        let (disk, deferral) = crate::storage::Disk::deferring_syncs();
+        let opened = self.open_owned_partitions_with(topic, &disk).await;
+        let synced = crate::storage::sync_filesystem(&self.log_dir)
+            .map_err(|e| anyhow::anyhow!("syncing the partitions of {}: {e}", topic.name));
+        deferral.end();
+        opened.and(synced)
+    }
+
+    async fn open_owned_partitions_with(
+        &self,
+        topic: &TopicInfo,
+        disk: &crate::storage::Disk,
+    ) -> anyhow::Result<()> {
         let log_config = topic.config.log_config(&self.config);
         let wanted: Vec<i32> = (0..topic.partitions)
             .filter(|&partition| {
@@ -207,7 +226,7 @@ impl ShardBroker {
                 let log_config = log_config.clone();
                 async move {
                     let result = async {
-                        let log = PartitionLog::open(&dir, log_config)
+                        let log = PartitionLog::open_with_disk(&dir, log_config, disk.clone())
                             .await
                             .map_err(|e| anyhow::anyhow!("opening {}: {e}", dir.display()))?;
                         // Written once: rewriting an unchanged file at every start cost two fsyncs
@@ -217,7 +236,7 @@ impl ShardBroker {
                             .ok()
                             .flatten();
                         if recorded != Some(topic.id) {
-                            crate::storage::write_partition_metadata(&dir, topic.id)
+                            crate::storage::write_partition_metadata_with(disk, &dir, topic.id)
                                 .await
                                 .map_err(|e| {
                                     anyhow::anyhow!(

@@ -149,10 +149,18 @@ pub async fn write_partition_metadata(
     partition_dir: &Path,
     topic_id: Uuid,
 ) -> Result<(), StorageError> {
+    write_partition_metadata_with(&Disk::real(), partition_dir, topic_id).await
+}
+
+/// `write_partition_metadata` through `disk` (one that defers its syncs, during bulk creation).
+pub async fn write_partition_metadata_with(
+    disk: &Disk,
+    partition_dir: &Path,
+    topic_id: Uuid,
+) -> Result<(), StorageError> {
     let path = partition_dir.join(PARTITION_METADATA_FILE);
     let text = format!("version: 0\ntopic_id: {}\n", encode_topic_id(topic_id));
-    Disk::real()
-        .write_file_atomically(&path, text.into_bytes())
+    disk.write_file_atomically(&path, text.into_bytes())
         .await
         .map_err(|source| StorageError::io("write", &path, source))
 }

@@ -26,9 +26,9 @@ pub use descriptors::SegmentHandle;
 pub use dirs::{
     PartitionDir, discard_partition_dir, list_partition_dirs, partition_dir,
     read_partition_metadata, remove_deleted_partition_dirs, sync_filesystem,
-    write_partition_metadata,
+    write_partition_metadata, write_partition_metadata_with,
 };
-pub use disk::{Disk, Fault, FaultInjector, IoKind};
+pub use disk::{Disk, Fault, FaultInjector, IoKind, SyncDeferral};
 pub use error::{AppendError, ReadError, StorageError};
 pub use log::{AppendInfo, LEADER_EPOCH, PartitionLog, ReadSlice, RetentionOutcome};
 pub use segment::SegmentFile;
