@@ -209,7 +209,10 @@ fn five_thousand_partitions_are_served_under_a_1024_descriptor_limit() {
     const PARTITIONS: i32 = 5_000;
     let temp = tempfile::tempdir().unwrap();
     let data_dir = temp.path().join("data");
-    let mut broker = ScaleBroker::start(&data_dir, Some(1024), &[]);
+    // The shutdown budget is proven elsewhere; a loaded debug build needs more than the default to
+    // close 5,000 partitions.
+    let overrides = ["ringbroker.shutdown.timeout.ms=60000"];
+    let mut broker = ScaleBroker::start(&data_dir, Some(1024), &overrides);
     broker.wait_serving(Duration::from_secs(30));
     create(
         &broker.bootstrap(),
@@ -227,7 +230,7 @@ fn five_thousand_partitions_are_served_under_a_1024_descriptor_limit() {
     let (code, _) = broker.stop();
     assert_eq!(code, Some(0), "clean shutdown");
 
-    let mut broker = ScaleBroker::start(&broker.data_dir.clone(), Some(1024), &[]);
+    let mut broker = ScaleBroker::start(&broker.data_dir.clone(), Some(1024), &overrides);
     broker.wait_serving(Duration::from_secs(60));
     produce_to(&broker.bootstrap(), "wide", &probes, "second");
     for &partition in &probes {
