@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::protocol::{self, DecodeError};
 use crate::server::{Admission, ConnectionInfo, Handler, HandlerFactory, OutPart, Reply};
 use crate::shard::ShardContext;
-use crate::storage::PartitionLog;
+use crate::storage::{Disk, PartitionLog};
 
 use errors::code;
 use groups::{GroupCoordinator, GroupSettings};
@@ -56,7 +56,12 @@ fn current() -> Rc<ShardBroker> {
 /// cluster id and the topic table read from disk) is loaded once, by whichever shard comes first.
 pub struct BrokerFactory {
     startup: OnceLock<Result<Startup, String>>,
+    disk: Option<DiskForShard>,
 }
+
+/// Builds the storage seam a shard's partition logs use, on that shard's thread (tests pass a disk
+/// with a fault injector).
+pub type DiskForShard = Arc<dyn Fn(usize) -> Disk + Send + Sync>;
 
 #[derive(Clone)]
 struct Startup {
@@ -68,6 +73,15 @@ impl BrokerFactory {
     pub fn new() -> BrokerFactory {
         BrokerFactory {
             startup: OnceLock::new(),
+            disk: None,
+        }
+    }
+
+    /// A factory whose partition logs do their file IO through `disk(shard)` (fault injection).
+    pub fn with_disk(disk: DiskForShard) -> BrokerFactory {
+        BrokerFactory {
+            startup: OnceLock::new(),
+            disk: Some(disk),
         }
     }
 }
@@ -100,6 +114,7 @@ impl HandlerFactory for BrokerFactory {
         } else {
             None
         };
+        let ctx_shard = ctx.shard_id();
         let broker = Rc::new(ShardBroker {
             shard: ctx.shard_id(),
             shard_count: ctx.shard_count(),
@@ -113,6 +128,10 @@ impl HandlerFactory for BrokerFactory {
             stopping: Cell::new(false),
             groups,
             producer_ids,
+            disk: self
+                .disk
+                .as_ref()
+                .map_or_else(Disk::real, |disk| disk(ctx_shard)),
         });
         for topic in startup.topics.by_name.values() {
             broker.open_owned_partitions(topic).await?;
@@ -204,6 +223,8 @@ pub struct ShardBroker {
     groups: GroupCoordinator,
     /// The producer-id allocator; `Some` on shard 0 only.
     producer_ids: Option<producer_ids::ProducerIdManager>,
+    /// The file-IO seam of this shard's partition logs.
+    disk: Disk,
 }
 
 impl ShardBroker {
@@ -407,7 +428,7 @@ impl ShardBroker {
                 continue;
             }
             let dir = self.log_dir.join(format!("{}-{}", topic.name, partition));
-            let log = PartitionLog::open(&dir, log_config.clone())
+            let log = PartitionLog::open_with_disk(&dir, log_config.clone(), self.disk.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("opening {}: {e}", dir.display()))?;
             crate::storage::write_partition_metadata(&dir, topic.id)
