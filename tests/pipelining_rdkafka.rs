@@ -270,7 +270,11 @@ fn replies_keep_request_order_across_produce_fetch_and_metadata() {
         if api_key == ApiKey::Produce {
             let (error, base_offset) = produce_result(body, version);
             assert_eq!(error, 0, "produce {correlation_id} failed");
-            assert_eq!(base_offset, last_offset + 1, "appended out of request order");
+            assert_eq!(
+                base_offset,
+                last_offset + 1,
+                "appended out of request order"
+            );
             last_offset = base_offset + 4;
         }
     }
