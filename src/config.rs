@@ -143,6 +143,9 @@ pub struct Config {
     pub mailbox_capacity: usize,
     pub connection_max_inflight_bytes: u64,
     pub shutdown_timeout_ms: u64,
+    /// Requests of one connection admitted to the handler but not yet answered
+    /// (`ringbroker.connection.max.inflight.requests`).
+    pub connection_max_inflight_requests: usize,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -194,6 +197,7 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_MAILBOX,
     KEY_INFLIGHT,
     KEY_SHUTDOWN_TIMEOUT,
+    KEY_INFLIGHT_REQUESTS,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -205,6 +209,7 @@ pub const KEY_MAX_CONNECTIONS: &str = "ringbroker.max.connections.per.shard";
 pub const KEY_MAILBOX: &str = "ringbroker.mailbox.capacity";
 pub const KEY_INFLIGHT: &str = "ringbroker.connection.max.inflight.bytes";
 pub const KEY_SHUTDOWN_TIMEOUT: &str = "ringbroker.shutdown.timeout.ms";
+pub const KEY_INFLIGHT_REQUESTS: &str = "ringbroker.connection.max.inflight.requests";
 
 /// The embedded defaults: `ringbroker` with no arguments serves 127.0.0.1:9092 from
 /// `./ringbroker-data`. Loopback rather than Kafka's all-interfaces default, so that a broker
@@ -463,6 +468,8 @@ impl Config {
             mailbox_capacity: reader.int(KEY_MAILBOX, 1024, 1, 1 << 20)? as usize,
             connection_max_inflight_bytes: reader.int(KEY_INFLIGHT, 64 << 20, 1, i64::MAX)? as u64,
             shutdown_timeout_ms: reader.int(KEY_SHUTDOWN_TIMEOUT, 10_000, 0, i64::MAX)? as u64,
+            connection_max_inflight_requests: reader.int(KEY_INFLIGHT_REQUESTS, 32, 1, 1 << 16)?
+                as usize,
         };
         Ok(Loaded { config, warnings })
     }
@@ -559,6 +566,10 @@ impl Config {
             format!("{KEY_MAILBOX} = {}", self.mailbox_capacity),
             format!("{KEY_INFLIGHT} = {}", self.connection_max_inflight_bytes),
             format!("{KEY_SHUTDOWN_TIMEOUT} = {}", self.shutdown_timeout_ms),
+            format!(
+                "{KEY_INFLIGHT_REQUESTS} = {}",
+                self.connection_max_inflight_requests
+            ),
         ]
     }
 }

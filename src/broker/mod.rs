@@ -31,9 +31,9 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::protocol::{self, DecodeError};
-use crate::server::{ConnectionInfo, Handler, HandlerFactory, OutPart, Reply};
+use crate::server::{Admission, ConnectionInfo, Handler, HandlerFactory, OutPart, Reply};
 use crate::shard::ShardContext;
-use crate::storage::PartitionLog;
+use crate::storage::{Disk, PartitionLog};
 
 use errors::code;
 use groups::{GroupCoordinator, GroupSettings};
@@ -56,7 +56,12 @@ fn current() -> Rc<ShardBroker> {
 /// cluster id and the topic table read from disk) is loaded once, by whichever shard comes first.
 pub struct BrokerFactory {
     startup: OnceLock<Result<Startup, String>>,
+    disk: Option<DiskForShard>,
 }
+
+/// Builds the storage seam a shard's partition logs use, on that shard's thread (tests pass a disk
+/// with a fault injector).
+pub type DiskForShard = Arc<dyn Fn(usize) -> Disk + Send + Sync>;
 
 #[derive(Clone)]
 struct Startup {
@@ -68,6 +73,15 @@ impl BrokerFactory {
     pub fn new() -> BrokerFactory {
         BrokerFactory {
             startup: OnceLock::new(),
+            disk: None,
+        }
+    }
+
+    /// A factory whose partition logs do their file IO through `disk(shard)` (fault injection).
+    pub fn with_disk(disk: DiskForShard) -> BrokerFactory {
+        BrokerFactory {
+            startup: OnceLock::new(),
+            disk: Some(disk),
         }
     }
 }
@@ -100,6 +114,7 @@ impl HandlerFactory for BrokerFactory {
         } else {
             None
         };
+        let ctx_shard = ctx.shard_id();
         let broker = Rc::new(ShardBroker {
             shard: ctx.shard_id(),
             shard_count: ctx.shard_count(),
@@ -113,6 +128,10 @@ impl HandlerFactory for BrokerFactory {
             stopping: Cell::new(false),
             groups,
             producer_ids,
+            disk: self
+                .disk
+                .as_ref()
+                .map_or_else(Disk::real, |disk| disk(ctx_shard)),
         });
         for topic in startup.topics.by_name.values() {
             broker.open_owned_partitions(topic).await?;
@@ -162,8 +181,8 @@ pub struct BrokerHandler {
 }
 
 impl Handler for BrokerHandler {
-    async fn handle(&self, conn: &ConnectionInfo, request: Bytes) -> Reply {
-        self.broker.handle(conn, request).await
+    async fn admit(&self, conn: &ConnectionInfo, request: Bytes) -> Admission {
+        self.broker.admit(conn, request).await
     }
 
     async fn shutdown(&self) {
@@ -204,6 +223,8 @@ pub struct ShardBroker {
     groups: GroupCoordinator,
     /// The producer-id allocator; `Some` on shard 0 only.
     producer_ids: Option<producer_ids::ProducerIdManager>,
+    /// The file-IO seam of this shard's partition logs.
+    disk: Disk,
 }
 
 impl ShardBroker {
@@ -240,25 +261,95 @@ impl ShardBroker {
         }
     }
 
-    async fn handle(&self, conn: &ConnectionInfo, frame: Bytes) -> Reply {
+    /// Admits one request of a connection (the server awaits this before admitting the next
+    /// one). Produce does its appends here, so that two produce requests of one connection reach a
+    /// partition's log in request order, and leaves only the wait for their fdatasync (acks=all) to
+    /// run beside later requests, which lets one group commit cover several requests of the
+    /// connection. A fetch is admitted at once and long-polls beside later requests. Every other
+    /// request is handled entirely here, one after another, as Kafka handles a connection's
+    /// requests (their effects, such as offset commits or group membership, then never overlap).
+    async fn admit(self: &Rc<Self>, conn: &ConnectionInfo, frame: Bytes) -> Admission {
         let request = match protocol::decode_request(frame) {
             Ok(request) => request,
-            Err(error) => return self.reject(conn, error),
+            Err(error) => return Admission::Done(self.reject(conn, error)),
         };
-        let header = &request.header;
+        let protocol::Request { header, body } = request;
+        let (version, correlation_id) = (header.api_version, header.correlation_id);
+        match body {
+            RequestKind::Produce(req) => match self.produce(req, version).await {
+                produce::ProduceAdmitted::Done(outcome) => {
+                    Admission::Done(self.produce_reply(conn, outcome, correlation_id, version))
+                }
+                produce::ProduceAdmitted::Durable(pending) => {
+                    let broker = self.clone();
+                    let conn = *conn;
+                    Admission::Later(Box::pin(async move {
+                        let outcome = pending.finish().await;
+                        broker.produce_reply(&conn, outcome, correlation_id, version)
+                    }))
+                }
+            },
+            RequestKind::Fetch(req) => {
+                let broker = self.clone();
+                Admission::Later(Box::pin(async move {
+                    broker.fetch(req, version, correlation_id).await
+                }))
+            }
+            body => Admission::Done(self.handle(conn, &header, body).await),
+        }
+    }
+
+    fn produce_reply(
+        &self,
+        conn: &ConnectionInfo,
+        outcome: produce::ProduceOutcome,
+        correlation_id: i32,
+        version: i16,
+    ) -> Reply {
+        match outcome {
+            produce::ProduceOutcome::Respond(response) => self.encode(
+                conn,
+                correlation_id,
+                ApiKey::Produce,
+                version,
+                &ResponseKind::Produce(response),
+            ),
+            produce::ProduceOutcome::Silent => Reply::None,
+            produce::ProduceOutcome::Close => Reply::Close,
+        }
+    }
+
+    fn encode(
+        &self,
+        conn: &ConnectionInfo,
+        correlation_id: i32,
+        api_key: ApiKey,
+        version: i16,
+        body: &ResponseKind,
+    ) -> Reply {
+        match protocol::encode_response(correlation_id, api_key, version, body) {
+            Ok(frame) => Reply::Send(vec![OutPart::Bytes(frame)]),
+            Err(error) => {
+                error!(conn = conn.id, ?api_key, version, %error, "could not encode response");
+                Reply::Close
+            }
+        }
+    }
+
+    /// Every request but Produce and Fetch, handled to the end during admission.
+    async fn handle(
+        &self,
+        conn: &ConnectionInfo,
+        header: &protocol::RequestHeader,
+        body: RequestKind,
+    ) -> Reply {
         let (api_key, version, correlation_id) =
             (header.api_key, header.api_version, header.correlation_id);
-        let body = match request.body {
+        let body = match body {
             RequestKind::ApiVersions(_) => {
                 ResponseKind::ApiVersions(protocol::api_versions_response(version, 0))
             }
             RequestKind::Metadata(req) => ResponseKind::Metadata(self.metadata(req, version).await),
-            RequestKind::Produce(req) => match self.produce(req, version).await {
-                produce::ProduceOutcome::Respond(response) => ResponseKind::Produce(response),
-                produce::ProduceOutcome::Silent => return Reply::None,
-                produce::ProduceOutcome::Close => return Reply::Close,
-            },
-            RequestKind::Fetch(req) => return self.fetch(req, version, correlation_id).await,
             RequestKind::ListOffsets(req) => {
                 ResponseKind::ListOffsets(self.list_offsets(req, version).await)
             }
@@ -313,13 +404,7 @@ impl ShardBroker {
                 return Reply::Close;
             }
         };
-        match protocol::encode_response(correlation_id, api_key, version, &body) {
-            Ok(frame) => Reply::Send(vec![OutPart::Bytes(frame)]),
-            Err(error) => {
-                error!(conn = conn.id, ?api_key, version, %error, "could not encode response");
-                Reply::Close
-            }
-        }
+        self.encode(conn, correlation_id, api_key, version, &body)
     }
 
     /// Answers a request that could not be decoded the way Kafka does: an unsupported ApiVersions
@@ -343,7 +428,7 @@ impl ShardBroker {
                 continue;
             }
             let dir = self.log_dir.join(format!("{}-{}", topic.name, partition));
-            let log = PartitionLog::open(&dir, log_config.clone())
+            let log = PartitionLog::open_with_disk(&dir, log_config.clone(), self.disk.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("opening {}: {e}", dir.display()))?;
             crate::storage::write_partition_metadata(&dir, topic.id)
