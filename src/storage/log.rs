@@ -25,6 +25,8 @@ use super::disk::Disk;
 use super::error::{AppendError, ReadError, StorageError};
 use super::index::{OFFSET_ENTRY_BYTES, TIME_ENTRY_BYTES};
 use super::producer_state::{ProducerStateMap, SequenceCheck, snapshot_file_name};
+use super::quarantine::DamagedRange;
+use super::recovery_point::RecoveryPoint;
 use super::segment::{Segment, SegmentFile, segment_stem};
 use super::waiters::{Turnstile, TurnstileGuard, Waiters};
 
@@ -66,6 +68,16 @@ pub struct ReadSlice {
     pub file: SegmentFile,
     pub position: u64,
     pub len: u32,
+}
+
+/// What `find_batch` found.
+enum Found {
+    /// The batch's position, header and full 61-byte header bytes.
+    Batch(u64, BatchHeader, Vec<u8>),
+    /// No batch before the limit satisfies the condition.
+    Nothing,
+    /// The bytes at `position` are not a valid batch.
+    Damaged { position: u64, detail: String },
 }
 
 /// What one retention pass removed.
@@ -170,6 +182,13 @@ pub struct PartitionLog {
     pub(crate) high_watermark_moved: Waiters,
     /// The last file operation started by a holder of the turn; see `detached`.
     pub(crate) in_flight: RefCell<Option<Rc<dyn Settle>>>,
+    /// The recovery point written after every fdatasync (`recovery_point.rs`).
+    pub(crate) recovery_point: RefCell<RecoveryPoint>,
+    /// Offsets lost to damage (quarantined at open): reads there answer `ReadError::Corrupt`.
+    pub(crate) damaged: RefCell<Vec<DamagedRange>>,
+    /// Damaged batch positions `(segment base, byte position)` already logged at ERROR by a read, so a
+    /// consumer retrying at a damaged offset does not flood the log.
+    pub(crate) reported_corrupt: RefCell<std::collections::HashSet<(i64, u64)>>,
 }
 
 /// A detached file operation whose end can be awaited.
@@ -1023,8 +1042,62 @@ impl PartitionLog {
                 )));
             }
         }
+        // Still the leader, so recovery-point writes happen one at a time and in order.
+        self.write_recovery_point(target).await;
         drop(leader);
         self.high_watermark_moved.wake_all();
+        Ok(())
+    }
+
+    /// Records `durable` as the recovery point: one small in-place write after the fdatasync that made
+    /// it durable, synced later by the periodic checkpoint (see `recovery_point.rs`). A failure only
+    /// leaves an older point, which widens the next recovery scan, so it is logged and not returned.
+    pub(crate) async fn write_recovery_point(&self, durable: LogPosition) {
+        let checkpoint = Checkpoint {
+            offset: durable.offset,
+            segment_base: durable.segment_base,
+            position: durable.position,
+        };
+        let Some((at, bytes)) = self.recovery_point.borrow_mut().prepare(checkpoint) else {
+            return;
+        };
+        let (cached, path) = {
+            let point = self.recovery_point.borrow();
+            (point.cached_file().cloned(), point.path().to_path_buf())
+        };
+        let file = match cached {
+            Some(file) => file,
+            None => match RecoveryPoint::file(&self.disk, &path).await {
+                Ok(file) => {
+                    self.recovery_point.borrow_mut().set_file(file.clone());
+                    file
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not open the recovery point file");
+                    return;
+                }
+            },
+        };
+        match self.disk.write_all_at(&file, bytes, at).await {
+            Ok(()) => self.recovery_point.borrow_mut().written(checkpoint),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "could not write the recovery point")
+            }
+        }
+    }
+
+    /// fdatasyncs the recovery-point file, so the point survives a power failure too.
+    pub(crate) async fn sync_recovery_point(&self) -> Result<(), StorageError> {
+        let (file, path) = {
+            let point = self.recovery_point.borrow();
+            (point.cached_file().cloned(), point.path().to_path_buf())
+        };
+        if let Some(file) = file {
+            self.disk
+                .sync_data(&file)
+                .await
+                .map_err(|source| StorageError::io("fdatasync", &path, source))?;
+        }
         Ok(())
     }
 
@@ -1071,34 +1144,89 @@ impl PartitionLog {
                     len: 0,
                 });
             }
+            if let Some(range) = self
+                .damaged
+                .borrow()
+                .iter()
+                .find(|range| range.contains(offset))
+            {
+                return Err(ReadError::Corrupt {
+                    offset,
+                    detail: format!(
+                        "offsets {}..{} were lost to damage and quarantined in {}: {}",
+                        range.first_offset,
+                        range.end_offset,
+                        super::quarantine::quarantine_dir(&self.dir).display(),
+                        range.reason
+                    ),
+                });
+            }
             let (_, segment) = state
                 .segments
                 .range(..=offset)
                 .next_back()
                 .expect("offset >= log start, the first segment's base");
-            let limit = if segment.base_offset < high_watermark.segment_base {
-                segment.size_bytes
-            } else if segment.base_offset == high_watermark.segment_base {
-                high_watermark.position
-            } else {
-                0
-            };
-            let scan_from = u64::from(segment.index.lookup(segment.relative(offset)));
-            (segment.log.clone(), scan_from, limit)
+            Self::read_target(segment, offset, high_watermark)
         };
-        let found = self
+        // Bounded by the number of segments: each round moves to a later one or stops.
+        let mut found = self
             .find_batch(&file, scan_from, limit, |header| {
                 header.last_offset() >= offset
             })
             .await?;
-        let Some((position, header, _)) = found else {
-            // The batch lies past the high watermark position (it moved back under us only if the segment
-            // was recovered); nothing to send.
-            return Ok(ReadSlice {
-                file,
-                position: limit,
-                len: 0,
-            });
+        let mut file = file;
+        let mut limit = limit;
+        while matches!(found, Found::Nothing) {
+            // No batch in this segment reaches the offset. Below the high watermark that means the
+            // segment ends early (offsets between it and the next segment were lost and not recorded):
+            // as Kafka does, the read moves on to the next segment.
+            let next = {
+                let state = self.state.borrow();
+                let high_watermark = state.high_watermark;
+                state
+                    .segments
+                    .range(file.base_offset() + 1..)
+                    .next()
+                    .filter(|(base, _)| **base < high_watermark.offset)
+                    .map(|(_, segment)| Self::read_target(segment, offset, high_watermark))
+            };
+            let Some((next_file, next_from, next_limit)) = next else {
+                break;
+            };
+            (file, limit) = (next_file, next_limit);
+            found = self
+                .find_batch(&file, next_from, limit, |header| {
+                    header.last_offset() >= offset
+                })
+                .await?;
+        }
+        let (position, header) = match found {
+            Found::Batch(position, header, _) => (position, header),
+            Found::Nothing => {
+                // The batch lies past the high watermark position (it moved back under us only if the
+                // segment was recovered); nothing to send.
+                return Ok(ReadSlice {
+                    file,
+                    position: limit,
+                    len: 0,
+                });
+            }
+            Found::Damaged { position, detail } => {
+                if self
+                    .reported_corrupt
+                    .borrow_mut()
+                    .insert((file.base_offset(), position))
+                {
+                    tracing::error!(
+                        path = %file.path().display(),
+                        position,
+                        offset,
+                        %detail,
+                        "damaged record batch in the log; fetches at this offset get CORRUPT_MESSAGE"
+                    );
+                }
+                return Err(ReadError::Corrupt { offset, detail });
+            }
         };
         let available = limit - position;
         let first_batch = header.size_bytes.min(available);
@@ -1116,6 +1244,23 @@ impl PartitionLog {
         })
     }
 
+    /// The file, scan start and readable end of `segment` for a read at `offset`.
+    fn read_target(
+        segment: &Segment,
+        offset: i64,
+        high_watermark: LogPosition,
+    ) -> (SegmentFile, u64, u64) {
+        let limit = if segment.base_offset < high_watermark.segment_base {
+            segment.size_bytes
+        } else if segment.base_offset == high_watermark.segment_base {
+            high_watermark.position
+        } else {
+            0
+        };
+        let scan_from = u64::from(segment.index.lookup(segment.relative(offset)));
+        (segment.log.clone(), scan_from, limit)
+    }
+
     fn usable_for_read(&self, state: &LogState) -> Result<(), StorageError> {
         if state.closed {
             return Err(StorageError::Closed {
@@ -1126,18 +1271,30 @@ impl PartitionLog {
     }
 
     /// Walks batch headers from `position` (a batch start) up to `limit` and returns the first batch
-    /// for which `wanted` holds: its position, header and full 61-byte header bytes.
+    /// for which `wanted` holds: its position, header and full 61-byte header bytes. `limit` is always
+    /// a batch boundary (a segment's end or the high-watermark position), so a header that does not
+    /// parse or a batch that runs past `limit` is damage, reported as `Found::Damaged`: answering
+    /// "nothing" there would leave a consumer at that offset polling forever.
     async fn find_batch(
         &self,
         file: &SegmentFile,
         mut position: u64,
         limit: u64,
         mut wanted: impl FnMut(&BatchHeader) -> bool,
-    ) -> Result<Option<(u64, BatchHeader, Vec<u8>)>, StorageError> {
+    ) -> Result<Found, StorageError> {
         let mut chunk: Vec<u8> = Vec::new();
         let mut chunk_start = 0u64;
         // Bounded: each round advances by one whole batch (at least 61 bytes) or returns.
-        while position + HEADER_PREFIX_BYTES as u64 <= limit {
+        while position < limit {
+            if position + HEADER_PREFIX_BYTES as u64 > limit {
+                return Ok(Found::Damaged {
+                    position,
+                    detail: format!(
+                        "{} bytes before the end of the readable range, less than a batch header",
+                        limit - position
+                    ),
+                });
+            }
             let have = position >= chunk_start
                 && position + BATCH_HEADER_BYTES as u64 <= chunk_start + chunk.len() as u64;
             if !have {
@@ -1150,19 +1307,31 @@ impl PartitionLog {
                 chunk_start = position;
             }
             let from = (position - chunk_start) as usize;
-            let header_bytes = &chunk[from..(from + BATCH_HEADER_BYTES).min(chunk.len())];
-            let header =
-                BatchHeader::parse_prefix(header_bytes).ok_or_else(|| StorageError::Malformed {
-                    what: "record batch",
-                    path: file.path().to_path_buf(),
-                    detail: format!("no valid batch header at position {position}"),
-                })?;
+            let header_bytes =
+                &chunk[from.min(chunk.len())..(from + BATCH_HEADER_BYTES).min(chunk.len())];
+            let Some(header) = BatchHeader::parse_prefix(header_bytes) else {
+                return Ok(Found::Damaged {
+                    position,
+                    detail: format!(
+                        "no valid batch header at byte {position} (bad batchLength, magic or lastOffsetDelta, or the file ends early)"
+                    ),
+                });
+            };
+            if position + header.size_bytes > limit {
+                return Ok(Found::Damaged {
+                    position,
+                    detail: format!(
+                        "batch at byte {position} claims {} bytes, past the end of the readable range at {limit}",
+                        header.size_bytes
+                    ),
+                });
+            }
             if wanted(&header) {
-                return Ok(Some((position, header, header_bytes.to_vec())));
+                return Ok(Found::Batch(position, header, header_bytes.to_vec()));
             }
             position += header.size_bytes;
         }
-        Ok(None)
+        Ok(Found::Nothing)
     }
 
     /// Like `read`, but returns the bytes themselves.
@@ -1218,11 +1387,18 @@ impl PartitionLog {
         // Walk batches whose max timestamp reaches the target; read the whole batch to find the record.
         let mut position = scan_from;
         while position < limit {
-            let Some((at, header, header_bytes)) =
-                self.find_batch(&file, position, limit, |_| true).await?
-            else {
-                break;
-            };
+            let (at, header, header_bytes) =
+                match self.find_batch(&file, position, limit, |_| true).await? {
+                    Found::Batch(at, header, header_bytes) => (at, header, header_bytes),
+                    Found::Nothing => break,
+                    Found::Damaged { position, detail } => {
+                        return Err(StorageError::Malformed {
+                            what: "record batch",
+                            path: file.path().to_path_buf(),
+                            detail: format!("at byte {position}: {detail}"),
+                        });
+                    }
+                };
             if batch::max_timestamp(&header_bytes) >= timestamp_ms
                 && header.last_offset() >= not_before
             {
@@ -1309,6 +1485,8 @@ impl PartitionLog {
             position: durable.position,
         })
         .await?;
+        // The per-fdatasync recovery point is only in the page cache until here.
+        self.sync_recovery_point().await?;
         self.state.borrow_mut().last_checkpoint_ms = now_ms;
         Ok(())
     }
@@ -1451,6 +1629,8 @@ impl PartitionLog {
             position: end.position,
         })
         .await?;
+        self.write_recovery_point(end).await;
+        self.sync_recovery_point().await?;
         // The producer state as of the log end, so the next open needs no rebuild scan.
         self.write_snapshot_locked(super::recovery::wall_clock_ms(std::time::SystemTime::now()))
             .await;
