@@ -69,6 +69,11 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<(u64, Checkpoint)> {
     }
 }
 
+/// The offset of the newest valid recovery point in the file's bytes (for tests and tools).
+pub fn decoded_offset(bytes: &[u8]) -> Option<i64> {
+    decode(bytes).map(|(_, checkpoint)| checkpoint.offset)
+}
+
 /// The open recovery-point file of one partition and the sequence of its last write.
 pub(crate) struct RecoveryPoint {
     path: PathBuf,
