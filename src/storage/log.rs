@@ -186,9 +186,10 @@ pub struct PartitionLog {
     pub(crate) recovery_point: RefCell<RecoveryPoint>,
     /// Offsets lost to damage (quarantined at open): reads there answer `ReadError::Corrupt`.
     pub(crate) damaged: RefCell<Vec<DamagedRange>>,
-    /// Damaged batch positions `(segment base, byte position)` already logged at ERROR by a read, so a
-    /// consumer retrying at a damaged offset does not flood the log.
-    pub(crate) reported_corrupt: RefCell<std::collections::HashSet<(i64, u64)>>,
+    /// Damaged bytes met by reads, by `(segment base, byte position)`, with where the intact batches
+    /// resume (position, base offset). Each is logged at ERROR once, when found; reads skip over them
+    /// and fetches at their offsets get `ReadError::Corrupt`.
+    pub(crate) damaged_spans: RefCell<BTreeMap<(i64, u64), Option<(u64, i64)>>>,
 }
 
 /// A detached file operation whose end can be awaited.
@@ -1168,7 +1169,7 @@ impl PartitionLog {
                 .expect("offset >= log start, the first segment's base");
             Self::read_target(segment, offset, high_watermark)
         };
-        // Bounded by the number of segments: each round moves to a later one or stops.
+        // Bounded: each round moves to a later segment, or past a damaged span, or stops.
         let mut found = self
             .find_batch(&file, scan_from, limit, |header| {
                 header.last_offset() >= offset
@@ -1176,58 +1177,64 @@ impl PartitionLog {
             .await?;
         let mut file = file;
         let mut limit = limit;
-        while matches!(found, Found::Nothing) {
-            // No batch in this segment reaches the offset. Below the high watermark that means the
-            // segment ends early (offsets between it and the next segment were lost and not recorded):
-            // as Kafka does, the read moves on to the next segment.
-            let next = {
-                let state = self.state.borrow();
-                let high_watermark = state.high_watermark;
-                state
-                    .segments
-                    .range(file.base_offset() + 1..)
-                    .next()
-                    .filter(|(base, _)| **base < high_watermark.offset)
-                    .map(|(_, segment)| Self::read_target(segment, offset, high_watermark))
-            };
-            let Some((next_file, next_from, next_limit)) = next else {
-                break;
-            };
-            (file, limit) = (next_file, next_limit);
-            found = self
-                .find_batch(&file, next_from, limit, |header| {
-                    header.last_offset() >= offset
-                })
-                .await?;
-        }
-        let (position, header) = match found {
-            Found::Batch(position, header, _) => (position, header),
-            Found::Nothing => {
-                // The batch lies past the high watermark position (it moved back under us only if the
-                // segment was recovered); nothing to send.
-                return Ok(ReadSlice {
-                    file,
-                    position: limit,
-                    len: 0,
-                });
-            }
-            Found::Damaged { position, detail } => {
-                if self
-                    .reported_corrupt
-                    .borrow_mut()
-                    .insert((file.base_offset(), position))
-                {
-                    tracing::error!(
-                        path = %file.path().display(),
-                        position,
-                        offset,
-                        %detail,
-                        "damaged record batch in the log; fetches at this offset get CORRUPT_MESSAGE"
-                    );
+        let (position, header) = loop {
+            match found {
+                Found::Batch(position, header, _) => break (position, header),
+                Found::Nothing => {
+                    // No batch in this segment reaches the offset. Below the high watermark that means
+                    // the segment ends early (offsets between it and the next segment were lost and
+                    // not recorded): as Kafka does, the read moves on to the next segment.
+                    let next = {
+                        let state = self.state.borrow();
+                        let high_watermark = state.high_watermark;
+                        state
+                            .segments
+                            .range(file.base_offset() + 1..)
+                            .next()
+                            .filter(|(base, _)| **base < high_watermark.offset)
+                            .map(|(_, segment)| Self::read_target(segment, offset, high_watermark))
+                    };
+                    let Some((next_file, next_from, next_limit)) = next else {
+                        // The batch lies past the high watermark position (it moved back under us
+                        // only if the segment was recovered); nothing to send.
+                        return Ok(ReadSlice {
+                            file,
+                            position: limit,
+                            len: 0,
+                        });
+                    };
+                    (file, limit) = (next_file, next_limit);
+                    found = self
+                        .find_batch(&file, next_from, limit, |header| {
+                            header.last_offset() >= offset
+                        })
+                        .await?;
                 }
-                return Err(ReadError::Corrupt { offset, detail });
+                Found::Damaged { position, detail } => {
+                    let after = self
+                        .intact_after_damage(&file, position, limit, offset, &detail)
+                        .await?;
+                    match after {
+                        Some((next_position, next_base)) if offset >= next_base => {
+                            found = self
+                                .find_batch(&file, next_position, limit, |header| {
+                                    header.last_offset() >= offset
+                                })
+                                .await?;
+                        }
+                        _ => return Err(ReadError::Corrupt { offset, detail }),
+                    }
+                }
             }
         };
+        // A range that starts before a known damaged span ends at it, so a consumer reads up to the
+        // damage and its next fetch, at the damaged offset, gets the error.
+        let limit = self
+            .damaged_spans
+            .borrow()
+            .range((file.base_offset(), position + 1)..(file.base_offset() + 1, 0))
+            .next()
+            .map_or(limit, |((_, damaged_at), _)| (*damaged_at).min(limit));
         let available = limit - position;
         let first_batch = header.size_bytes.min(available);
         let len = if u64::from(max_bytes) >= first_batch {
@@ -1242,6 +1249,39 @@ impl PartitionLog {
             position,
             len: len.min(u64::from(u32::MAX)) as u32,
         })
+    }
+
+    /// Where the intact batches resume after damaged bytes at `position` of `file`: the next position
+    /// holding a whole, CRC-valid batch, and its base offset; `None` if nothing intact follows before
+    /// `limit`. Found once per damaged position (a search of up to the rest of the segment), logged at
+    /// ERROR then, and remembered, so a consumer retrying at a damaged offset costs a map lookup.
+    async fn intact_after_damage(
+        &self,
+        file: &SegmentFile,
+        position: u64,
+        limit: u64,
+        offset: i64,
+        detail: &str,
+    ) -> Result<Option<(u64, i64)>, StorageError> {
+        let key = (file.base_offset(), position);
+        if let Some(known) = self.damaged_spans.borrow().get(&key) {
+            return Ok(*known);
+        }
+        let after =
+            super::recovery::find_next_batch(&self.disk, file, position, limit, file.base_offset())
+                .await?
+                .map(|(next_position, header)| (next_position, header.base_offset));
+        tracing::error!(
+            path = %file.path().display(),
+            position,
+            offset,
+            intact_from_position = after.map(|(next_position, _)| next_position),
+            intact_from_offset = after.map(|(_, next_base)| next_base),
+            %detail,
+            "damaged record batch in the log; fetches at its offsets get CORRUPT_MESSAGE"
+        );
+        self.damaged_spans.borrow_mut().insert(key, after);
+        Ok(after)
     }
 
     /// The file, scan start and readable end of `segment` for a read at `offset`.

@@ -158,7 +158,7 @@ impl PartitionLog {
                 recovery_point.map(|(_, point)| point),
             )),
             damaged: RefCell::new(Vec::new()),
-            reported_corrupt: RefCell::new(Default::default()),
+            damaged_spans: RefCell::new(BTreeMap::new()),
         };
 
         // A work list rather than a plain loop: splitting a damaged segment adds the new segments
@@ -1137,7 +1137,7 @@ async fn walk_trusted(
 /// whose base offset is at least `expected_offset` (a batch after the damaged one). Returns it with its
 /// header, or `None` if the rest of the file holds none. A false match needs a magic byte, a plausible
 /// length and offset, and a matching CRC-32C at once.
-async fn find_next_batch(
+pub(crate) async fn find_next_batch(
     disk: &Disk,
     file: &SegmentFile,
     damaged_at: u64,
