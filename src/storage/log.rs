@@ -1123,7 +1123,7 @@ impl PartitionLog {
         max_bytes: u32,
         min_one_batch: bool,
     ) -> Result<ReadSlice, ReadError> {
-        let (file, scan_from, limit) = {
+        let (file, scan_from, limit, anchor) = {
             let state = self.state.borrow();
             self.usable_for_read(&state)?;
             if offset < state.log_start_offset || offset > state.log_end_offset {
@@ -1171,7 +1171,7 @@ impl PartitionLog {
         };
         // Bounded: each round moves to a later segment, or past a damaged span, or stops.
         let mut found = self
-            .find_batch(&file, scan_from, limit, |header| {
+            .find_batch(&file, scan_from, limit, anchor, |header| {
                 header.last_offset() >= offset
             })
             .await?;
@@ -1194,7 +1194,7 @@ impl PartitionLog {
                             .filter(|(base, _)| **base < high_watermark.offset)
                             .map(|(_, segment)| Self::read_target(segment, offset, high_watermark))
                     };
-                    let Some((next_file, next_from, next_limit)) = next else {
+                    let Some((next_file, next_from, next_limit, next_anchor)) = next else {
                         // The batch lies past the high watermark position (it moved back under us
                         // only if the segment was recovered); nothing to send.
                         return Ok(ReadSlice {
@@ -1205,7 +1205,7 @@ impl PartitionLog {
                     };
                     (file, limit) = (next_file, next_limit);
                     found = self
-                        .find_batch(&file, next_from, limit, |header| {
+                        .find_batch(&file, next_from, limit, next_anchor, |header| {
                             header.last_offset() >= offset
                         })
                         .await?;
@@ -1217,7 +1217,7 @@ impl PartitionLog {
                     match after {
                         Some((next_position, next_base)) if offset >= next_base => {
                             found = self
-                                .find_batch(&file, next_position, limit, |header| {
+                                .find_batch(&file, next_position, limit, None, |header| {
                                     header.last_offset() >= offset
                                 })
                                 .await?;
@@ -1284,12 +1284,13 @@ impl PartitionLog {
         Ok(after)
     }
 
-    /// The file, scan start and readable end of `segment` for a read at `offset`.
+    /// The file, scan start, readable end of `segment` for a read at `offset`, and the last offset of
+    /// the batch at the scan start when an index entry says so.
     fn read_target(
         segment: &Segment,
         offset: i64,
         high_watermark: LogPosition,
-    ) -> (SegmentFile, u64, u64) {
+    ) -> (SegmentFile, u64, u64, Option<i64>) {
         let limit = if segment.base_offset < high_watermark.segment_base {
             segment.size_bytes
         } else if segment.base_offset == high_watermark.segment_base {
@@ -1297,8 +1298,10 @@ impl PartitionLog {
         } else {
             0
         };
-        let scan_from = u64::from(segment.index.lookup(segment.relative(offset)));
-        (segment.log.clone(), scan_from, limit)
+        let entry = segment.index.lookup_entry(segment.relative(offset));
+        let scan_from = entry.map_or(0, |entry| u64::from(entry.position));
+        let anchor = entry.map(|entry| segment.base_offset + i64::from(entry.relative_offset));
+        (segment.log.clone(), scan_from, limit, anchor)
     }
 
     fn usable_for_read(&self, state: &LogState) -> Result<(), StorageError> {
@@ -1315,15 +1318,21 @@ impl PartitionLog {
     /// a batch boundary (a segment's end or the high-watermark position), so a header that does not
     /// parse or a batch that runs past `limit` is damage, reported as `Found::Damaged`: answering
     /// "nothing" there would leave a consumer at that offset polling forever.
+    ///
+    /// Offsets must rise from batch to batch, and the batch at `position` must end at `anchor` when the
+    /// caller knows it from an index entry: a damaged baseOffset (which the CRC does not cover) would
+    /// otherwise make the walk answer with the wrong batch.
     async fn find_batch(
         &self,
         file: &SegmentFile,
         mut position: u64,
         limit: u64,
+        anchor: Option<i64>,
         mut wanted: impl FnMut(&BatchHeader) -> bool,
     ) -> Result<Found, StorageError> {
         let mut chunk: Vec<u8> = Vec::new();
         let mut chunk_start = 0u64;
+        let mut previous_last: Option<i64> = None;
         // Bounded: each round advances by one whole batch (at least 61 bytes) or returns.
         while position < limit {
             if position + HEADER_PREFIX_BYTES as u64 > limit {
@@ -1366,9 +1375,24 @@ impl PartitionLog {
                     ),
                 });
             }
+            let out_of_order = match previous_last {
+                Some(last) => header.base_offset <= last,
+                None => anchor.is_some_and(|anchor| header.last_offset() != anchor),
+            };
+            if out_of_order || header.base_offset < file.base_offset() {
+                return Ok(Found::Damaged {
+                    position,
+                    detail: format!(
+                        "batch at byte {position} claims offsets {}..={}, out of order with the batches before it",
+                        header.base_offset,
+                        header.last_offset()
+                    ),
+                });
+            }
             if wanted(&header) {
                 return Ok(Found::Batch(position, header, header_bytes.to_vec()));
             }
+            previous_last = Some(header.last_offset());
             position += header.size_bytes;
         }
         Ok(Found::Nothing)
@@ -1427,18 +1451,20 @@ impl PartitionLog {
         // Walk batches whose max timestamp reaches the target; read the whole batch to find the record.
         let mut position = scan_from;
         while position < limit {
-            let (at, header, header_bytes) =
-                match self.find_batch(&file, position, limit, |_| true).await? {
-                    Found::Batch(at, header, header_bytes) => (at, header, header_bytes),
-                    Found::Nothing => break,
-                    Found::Damaged { position, detail } => {
-                        return Err(StorageError::Malformed {
-                            what: "record batch",
-                            path: file.path().to_path_buf(),
-                            detail: format!("at byte {position}: {detail}"),
-                        });
-                    }
-                };
+            let (at, header, header_bytes) = match self
+                .find_batch(&file, position, limit, None, |_| true)
+                .await?
+            {
+                Found::Batch(at, header, header_bytes) => (at, header, header_bytes),
+                Found::Nothing => break,
+                Found::Damaged { position, detail } => {
+                    return Err(StorageError::Malformed {
+                        what: "record batch",
+                        path: file.path().to_path_buf(),
+                        detail: format!("at byte {position}: {detail}"),
+                    });
+                }
+            };
             if batch::max_timestamp(&header_bytes) >= timestamp_ms
                 && header.last_offset() >= not_before
             {
