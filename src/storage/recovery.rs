@@ -268,11 +268,12 @@ impl PartitionLog {
                     u64::MAX,
                     IndexCheck::new(&config),
                     Some(next_base),
+                    &damaged,
                 )
                 .await?
             {
+                // `load_indexes` set the next offset from the walk of the segment's last batches.
                 segment.size_bytes = file_len;
-                segment.next_offset = next_base;
                 if let Some(last) = segment.index.times.last() {
                     segment.max_timestamp = last.timestamp;
                     segment.offset_of_max_timestamp = base + i64::from(last.relative_offset);
@@ -292,10 +293,10 @@ impl PartitionLog {
                 // Below the recovery point every byte was fdatasync'ed and acknowledged: damage there is
                 // not a torn write. Without any recovery point nothing can be told apart, so all of it
                 // is treated as possibly acknowledged.
-                let below_recovery_point = checkpoint.is_none_or(|checkpoint| {
-                    base < checkpoint.segment_base
-                        || (base == checkpoint.segment_base && position < checkpoint.position)
-                });
+                // Judged by offset, not position: segments split by an earlier repair in this open
+                // start after the recovery point's segment but hold durable offsets.
+                let below_recovery_point =
+                    checkpoint.is_none_or(|checkpoint| segment.next_offset < checkpoint.offset);
                 let resync =
                     find_next_batch(&disk, &segment.log, position, file_len, segment.next_offset)
                         .await?;
@@ -328,11 +329,12 @@ impl PartitionLog {
                     let source = SegmentFile::new(source_file, moved.clone(), base);
                     drop(original);
                     let after_base = next_header.base_offset;
-                    if position > 0 {
-                        quarantine::copy_range(&disk, &source, 0, position, &log_path).await?;
-                        pending.insert(base);
-                        rebuilt.insert(base);
-                    }
+                    // Even an empty first part is kept: the segment then still starts the log at
+                    // `base`, so a read at the damaged offsets gets the damage error rather than
+                    // OFFSET_OUT_OF_RANGE.
+                    quarantine::copy_range(&disk, &source, 0, position, &log_path).await?;
+                    pending.insert(base);
+                    rebuilt.insert(base);
                     let after_path =
                         dir.join(format!("{}.log", super::segment::segment_stem(after_base)));
                     quarantine::copy_range(&disk, &source, next_position, file_len, &after_path)
@@ -438,6 +440,12 @@ impl PartitionLog {
             // The quarantined tail held offsets up to `resume_at`; new appends start after them.
             let segment = log.create_segment(resume_at, now_ms).await?;
             segments.insert(resume_at, segment);
+        }
+        // A closed segment verified by a scan gets the final time-index entry a roll gives it, so
+        // its largest timestamp is in its `.timeindex` for the next open.
+        let closed = segments.len().saturating_sub(1);
+        for segment in segments.values_mut().take(closed) {
+            segment.seal_time_index();
         }
         if segments.is_empty() {
             let base = checkpoint.map_or(0, |checkpoint| checkpoint.offset);
@@ -708,6 +716,7 @@ async fn load_indexes(
     trusted_below: u64,
     limits: IndexCheck,
     next_base: Option<i64>,
+    damaged: &[DamagedRange],
 ) -> Result<bool, StorageError> {
     let offset_bytes = read_index_file(disk, &segment.index_path, limits.index_bytes).await?;
     let time_bytes = read_index_file(disk, &segment.time_index_path, limits.index_bytes).await?;
@@ -770,16 +779,22 @@ async fn load_indexes(
             return Ok(false);
         }
     };
-    if let Some(next_base) = next_base
-        && let Some((path, reason)) =
-            check_index_tail(disk, segment, &offsets, &times, file_len, next_base, limits).await?
-    {
-        tracing::warn!(path = %path.display(), %reason, "index file damaged; rebuilding it from the log");
-        segment.index = SegmentIndex {
-            files_stale: true,
-            ..SegmentIndex::default()
-        };
-        return Ok(false);
+    if let Some(next_base) = next_base {
+        match check_index_tail(
+            disk, segment, &offsets, &times, file_len, next_base, limits, damaged,
+        )
+        .await?
+        {
+            Ok(end_offset) => segment.next_offset = end_offset,
+            Err((path, reason)) => {
+                tracing::warn!(path = %path.display(), %reason, "index file damaged; rebuilding it from the log");
+                segment.index = SegmentIndex {
+                    files_stale: true,
+                    ..SegmentIndex::default()
+                };
+                return Ok(false);
+            }
+        }
     }
     let offset_len = offset_bytes.len();
     let time_len = time_bytes.len();
@@ -821,7 +836,8 @@ impl IndexCheck {
 }
 
 /// Walks the batch headers after a closed segment's last offset entry (see `load_indexes`); returns
-/// the damaged file and why, or `None` if the indexes agree with the log.
+/// the segment's end offset if the indexes agree with the log, else the damaged file and why.
+#[allow(clippy::too_many_arguments)]
 async fn check_index_tail<'a>(
     disk: &Disk,
     segment: &'a Segment,
@@ -830,7 +846,8 @@ async fn check_index_tail<'a>(
     file_len: u64,
     next_base: i64,
     limits: IndexCheck,
-) -> Result<Option<(&'a Path, String)>, StorageError> {
+    damaged: &[DamagedRange],
+) -> Result<Result<i64, (&'a Path, String)>, StorageError> {
     let (mut position, expected_last) = match offsets.last() {
         Some(last) => (
             u64::from(last.position),
@@ -839,7 +856,7 @@ async fn check_index_tail<'a>(
         None => (0, None),
     };
     if file_len - position > limits.tail_bytes {
-        return Ok(Some((
+        return Ok(Err((
             &segment.index_path,
             format!(
                 "its last entry lies {} bytes before the segment's end (truncated?)",
@@ -854,7 +871,7 @@ async fn check_index_tail<'a>(
     // Bounded: each round advances by a whole batch (at least 61 bytes) over at most `tail_bytes`.
     while position < file_len {
         let Some((header, max_timestamp)) = headers.header(disk, position).await? else {
-            return Ok(Some((
+            return Ok(Err((
                 &segment.index_path,
                 format!("no valid batch header at byte {position}"),
             )));
@@ -869,7 +886,7 @@ async fn check_index_tail<'a>(
         };
         first = false;
         if !consistent || position + header.size_bytes > file_len {
-            return Ok(Some((
+            return Ok(Err((
                 &segment.index_path,
                 format!("does not point at the batch boundaries of the log (byte {position})"),
             )));
@@ -878,8 +895,13 @@ async fn check_index_tail<'a>(
         next_offset = header.last_offset() + 1;
         position += header.size_bytes;
     }
-    if file_len > 0 && next_offset != next_base {
-        return Ok(Some((
+    // A segment may end before the next one starts only where recovery cut damaged data and
+    // recorded the lost offsets.
+    let recorded_gap = damaged
+        .iter()
+        .any(|range| range.first_offset <= next_offset && next_base <= range.end_offset);
+    if file_len > 0 && next_offset != next_base && !(next_offset < next_base && recorded_gap) {
+        return Ok(Err((
             &segment.index_path,
             format!(
                 "the log ends at offset {next_offset}, not at the next segment's base {next_base}"
@@ -888,14 +910,14 @@ async fn check_index_tail<'a>(
     }
     let indexed_max = times.last().map_or(-1, |entry| entry.timestamp);
     if tail_max_timestamp > indexed_max {
-        return Ok(Some((
+        return Ok(Err((
             &segment.time_index_path,
             format!(
                 "its largest timestamp {indexed_max} is below the {tail_max_timestamp} of the segment's last batches"
             ),
         )));
     }
-    Ok(None)
+    Ok(Ok(if file_len > 0 { next_offset } else { next_base }))
 }
 
 /// Batch headers of one segment file, read through a window so consecutive small batches cost one
@@ -1017,7 +1039,16 @@ async fn recover_segment(
     let mut from = 0u64;
     let mut anchor = None;
     if let Trust::UpTo(trusted_below) = trust
-        && load_indexes(&log.disk, segment, file_len, *trusted_below, check, None).await?
+        && load_indexes(
+            &log.disk,
+            segment,
+            file_len,
+            *trusted_below,
+            check,
+            None,
+            &[],
+        )
+        .await?
     {
         if let Some(last) = segment.index.offsets.last().copied() {
             from = u64::from(last.position);
