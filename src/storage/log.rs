@@ -70,6 +70,9 @@ pub struct ReadSlice {
     pub len: u32,
 }
 
+/// Where intact batches resume after damaged bytes: (byte position, base offset).
+pub(crate) type IntactAfter = (u64, i64);
+
 /// What `find_batch` found.
 enum Found {
     /// The batch's position, header and full 61-byte header bytes.
@@ -189,7 +192,7 @@ pub struct PartitionLog {
     /// Damaged bytes met by reads, by `(segment base, byte position)`, with where the intact batches
     /// resume (position, base offset). Each is logged at ERROR once, when found; reads skip over them
     /// and fetches at their offsets get `ReadError::Corrupt`.
-    pub(crate) damaged_spans: RefCell<BTreeMap<(i64, u64), Option<(u64, i64)>>>,
+    pub(crate) damaged_spans: RefCell<BTreeMap<(i64, u64), Option<IntactAfter>>>,
 }
 
 /// A detached file operation whose end can be awaited.
@@ -1262,7 +1265,7 @@ impl PartitionLog {
         limit: u64,
         offset: i64,
         detail: &str,
-    ) -> Result<Option<(u64, i64)>, StorageError> {
+    ) -> Result<Option<IntactAfter>, StorageError> {
         let key = (file.base_offset(), position);
         if let Some(known) = self.damaged_spans.borrow().get(&key) {
             return Ok(*known);
