@@ -55,6 +55,7 @@ pub fn append_error_code(error: &AppendError) -> i16 {
 pub fn read_error_code(error: &ReadError) -> i16 {
     match error {
         ReadError::OffsetOutOfRange { .. } => code::OFFSET_OUT_OF_RANGE,
+        ReadError::Corrupt { .. } => code::CORRUPT_MESSAGE,
         ReadError::Storage(error) => storage_error_code(error),
     }
 }
