@@ -9,6 +9,7 @@
 //! - Kafka error codes are produced here (see `errors`), never inside storage.
 
 mod admin;
+mod delete_records;
 mod errors;
 mod fetch;
 mod group_api;
@@ -267,6 +268,9 @@ impl ShardBroker {
             }
             RequestKind::DeleteTopics(req) => {
                 ResponseKind::DeleteTopics(self.delete_topics(req, version).await)
+            }
+            RequestKind::DeleteRecords(req) => {
+                ResponseKind::DeleteRecords(self.delete_records(req).await)
             }
             RequestKind::DescribeConfigs(req) => {
                 ResponseKind::DescribeConfigs(self.describe_configs(req, version))
@@ -656,6 +660,7 @@ pub const HANDLED_APIS: &[ApiKey] = &[
     ApiKey::CreateTopics,
     ApiKey::DeleteTopics,
     ApiKey::DescribeConfigs,
+    ApiKey::DeleteRecords,
     ApiKey::FindCoordinator,
     ApiKey::JoinGroup,
     ApiKey::SyncGroup,

@@ -1380,7 +1380,8 @@ impl PartitionLog {
             let removed = {
                 let mut state = self.state.borrow_mut();
                 let removed = state.segments.remove(&base);
-                state.log_start_offset = next_base;
+                // DeleteRecords may have moved the start past this segment already.
+                state.log_start_offset = state.log_start_offset.max(next_base);
                 state.check_invariants();
                 removed
             };
@@ -1394,7 +1395,7 @@ impl PartitionLog {
             tracing::info!(dir = %self.dir.display(), base_offset = base, size_bytes, "retention deleted segment");
             outcome.deleted_segments += 1;
             outcome.deleted_bytes += size_bytes;
-            outcome.log_start_offset = next_base;
+            outcome.log_start_offset = self.log_start_offset();
         }
         if outcome.deleted_segments > 0 {
             // Snapshots below the new log start describe deleted data; the newest is kept whatever

@@ -14,6 +14,7 @@ pub mod disk;
 pub mod error;
 pub mod index;
 mod log;
+pub mod log_start;
 pub mod producer_state;
 mod recovery;
 pub mod segment;
@@ -27,5 +28,6 @@ pub use dirs::{
 };
 pub use disk::{Disk, Fault, FaultInjector, IoKind};
 pub use error::{AppendError, ReadError, StorageError};
+pub use log_start::DeleteRecordsError;
 pub use log::{AppendInfo, LEADER_EPOCH, PartitionLog, ReadSlice, RetentionOutcome};
 pub use segment::SegmentFile;

@@ -287,6 +287,7 @@ impl PartitionLog {
             })
             .await?;
         }
+        log.restore_log_start_offset().await?;
         log.load_producer_state(snapshot_offsets, now_ms).await?;
         if clean {
             // The marker must be gone for good before the first append: if it came back after a crash,
