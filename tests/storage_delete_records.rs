@@ -24,7 +24,10 @@ async fn assert_readable_from_start(log: &PartitionLog) {
     let start = log.log_start_offset();
     let bytes = log.read_copy(start, 1 << 20, true).await.unwrap();
     let (batches, _) = split_batches(&bytes);
-    assert!(!batches.is_empty(), "nothing readable at the log start {start}");
+    assert!(
+        !batches.is_empty(),
+        "nothing readable at the log start {start}"
+    );
     assert!(batches[0].base_offset <= start && start <= batches[0].last_offset);
     if start > 0 {
         assert!(matches!(

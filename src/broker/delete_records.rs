@@ -15,7 +15,10 @@ impl ShardBroker {
     /// NOT_LEADER_OR_FOLLOWER for one another shard owns (the client sends each partition to its
     /// leader), OFFSET_OUT_OF_RANGE beyond the high watermark; otherwise the new low watermark.
     /// Kafka's request timeout waits for followers; a single node has none, so it is not used.
-    pub(super) async fn delete_records(&self, request: DeleteRecordsRequest) -> DeleteRecordsResponse {
+    pub(super) async fn delete_records(
+        &self,
+        request: DeleteRecordsRequest,
+    ) -> DeleteRecordsResponse {
         let topics = self.topics();
         let mut topics_out = Vec::with_capacity(request.topics.len());
         for topic in request.topics {

@@ -150,20 +150,21 @@ impl PartitionLog {
             tracing::error!(path = %path.display(), "malformed log start offset checkpoint; using the first segment's base");
             return Ok(());
         };
-        let mut state = self.state.borrow_mut();
-        if persisted > state.log_end_offset {
-            tracing::error!(
-                path = %path.display(),
-                persisted,
-                log_end_offset = state.log_end_offset,
-                "log start offset checkpoint lies beyond the recovered log end; clamping it"
-            );
+        {
+            let mut state = self.state.borrow_mut();
+            if persisted > state.log_end_offset {
+                tracing::error!(
+                    path = %path.display(),
+                    persisted,
+                    log_end_offset = state.log_end_offset,
+                    "log start offset checkpoint lies beyond the recovered log end; clamping it"
+                );
+            }
+            let start = persisted
+                .min(state.log_end_offset)
+                .max(state.log_start_offset);
+            state.log_start_offset = start;
         }
-        let start = persisted
-            .min(state.log_end_offset)
-            .max(state.log_start_offset);
-        state.log_start_offset = start;
-        drop(state);
         // A crash between persisting a new start and unlinking the segments below it leaves them
         // behind; finish the job (nothing else uses the log while it opens).
         self.remove_segments_below_start().await

@@ -28,6 +28,6 @@ pub use dirs::{
 };
 pub use disk::{Disk, Fault, FaultInjector, IoKind};
 pub use error::{AppendError, ReadError, StorageError};
-pub use log_start::DeleteRecordsError;
 pub use log::{AppendInfo, LEADER_EPOCH, PartitionLog, ReadSlice, RetentionOutcome};
+pub use log_start::DeleteRecordsError;
 pub use segment::SegmentFile;
