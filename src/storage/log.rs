@@ -407,6 +407,10 @@ impl PartitionLog {
             (state.config.max_message_bytes, state.config.segment_bytes)
         };
         let validated = batch::validate_records(&records, max_message_bytes)?;
+        if self.state.borrow().config.compaction.compact {
+            let partition = self.dir.file_name().unwrap_or_default().to_string_lossy();
+            super::cleaner::require_keys(&records, &partition)?;
+        }
         if records.len() as u64 > segment_bytes {
             return Err(AppendError::RecordBatchTooLarge {
                 size: records.len(),
@@ -1323,6 +1327,10 @@ impl PartitionLog {
             log_start_offset: self.log_start_offset(),
             ..RetentionOutcome::default()
         };
+        // `cleanup.policy=compact` alone keeps data until the cleaner supersedes it.
+        if !self.state.borrow().config.compaction.delete {
+            return Ok(outcome);
+        }
         // Bounded by the number of segments: each round deletes the oldest one or stops.
         loop {
             let victim = {

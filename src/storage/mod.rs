@@ -8,6 +8,7 @@
 //! invariants and the recovery procedure.
 
 pub mod batch;
+pub mod cleaner;
 pub mod config;
 pub mod dirs;
 pub mod disk;

@@ -48,6 +48,7 @@ impl PartitionLog {
         disk.create_dir_all(dir)
             .await
             .map_err(|source| StorageError::io("create_dir_all", dir, source))?;
+        super::cleaner::complete_interrupted_swaps(&disk, dir).await?;
         let now_ms = wall_clock_ms(SystemTime::now());
         let entries = disk
             .list_dir(dir)
