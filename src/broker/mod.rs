@@ -9,6 +9,7 @@
 //! - Kafka error codes are produced here (see `errors`), never inside storage.
 
 mod admin;
+mod compaction;
 mod delete_records;
 mod errors;
 mod fetch;
@@ -120,6 +121,7 @@ impl HandlerFactory for BrokerFactory {
         }
         CURRENT.with(|cell| *cell.borrow_mut() = Some(broker.clone()));
         broker.clone().start_housekeeping();
+        broker.clone().start_cleaner();
         Ok(BrokerHandler { broker })
     }
 }

@@ -73,23 +73,6 @@ impl Default for CompactionConfig {
     }
 }
 
-/// Parses `cleanup.policy`: a comma-separated list of `delete` and `compact`, at least one.
-pub fn parse_cleanup_policy(value: &str) -> Result<(bool, bool), &'static str> {
-    let mut compact = false;
-    let mut delete = false;
-    for part in value.split(',').map(str::trim) {
-        match part {
-            "compact" => compact = true,
-            "delete" => delete = true,
-            _ => return Err("must be a list of delete and compact"),
-        }
-    }
-    if !compact && !delete {
-        return Err("must name delete, compact or both");
-    }
-    Ok((compact, delete))
-}
-
 /// The `cleanup.policy` text for a pair of flags, as Kafka lists it.
 pub fn cleanup_policy_text(compact: bool, delete: bool) -> &'static str {
     match (compact, delete) {
@@ -156,6 +139,10 @@ pub struct CleanOutcome {
     pub records_removed: u64,
     /// The next pass's first dirty offset: everything below was covered by this pass's map.
     pub first_dirty_offset: i64,
+    /// When the oldest tombstone this pass kept may go (its segment's last write plus
+    /// `delete.retention.ms`); the caller then runs a full pass (first dirty offset 0) even if
+    /// nothing new was written, as Kafka's cleaner does for expired tombstones.
+    pub tombstones_due_ms: Option<i64>,
 }
 
 /// Why a cleaning pass stopped.
@@ -665,6 +652,15 @@ impl PartitionLog {
                     &mut pacer,
                 )
                 .await?;
+            let (rewritten, kept_tombstones) = rewritten;
+            if kept_tombstones {
+                let due = candidate
+                    .last_write_ms
+                    .saturating_add(config.compaction.delete_retention_ms as i64)
+                    .saturating_add(1);
+                outcome.tombstones_due_ms =
+                    Some(outcome.tombstones_due_ms.map_or(due, |d| d.min(due)));
+            }
             let Some((bytes, removed)) = rewritten else {
                 continue;
             };
@@ -686,8 +682,8 @@ impl PartitionLog {
         Ok(Some(outcome))
     }
 
-    /// The cleaned bytes of one segment and the number of records removed, or `None` if nothing in
-    /// it would change.
+    /// The cleaned bytes of one segment and the number of records removed (`None` if nothing in it
+    /// would change), and whether it keeps a tombstone.
     async fn rewrite_segment(
         &self,
         candidate: &Candidate,
@@ -696,9 +692,10 @@ impl PartitionLog {
         drop_tombstones: bool,
         producer_last: &HashSet<i64>,
         pacer: &mut Pacer,
-    ) -> Result<Option<(Vec<u8>, u64)>, CleanError> {
+    ) -> Result<(Option<(Vec<u8>, u64)>, bool), CleanError> {
         let mut out: Vec<u8> = Vec::with_capacity(candidate.size_bytes as usize / 2);
         let mut removed = 0u64;
+        let mut kept_tombstones = false;
         // The pending run of emptied batches: (first offset, last offset, base ts, max ts, attributes).
         let mut run: Option<(i64, i64, i64, i64, u16)> = None;
         let mut reader = BatchReader::new(&self.disk, &candidate.file, candidate.size_bytes);
@@ -743,6 +740,7 @@ impl PartitionLog {
                 })
                 .collect();
             removed += (total - kept.len()) as u64;
+            kept_tombstones |= kept.iter().any(|record| record.tombstone);
             if kept.len() == total {
                 keep_whole(&mut out, &mut run, &batch);
             } else if !kept.is_empty() {
@@ -773,9 +771,9 @@ impl PartitionLog {
             out.extend_from_slice(&filler_batch(first, last, base_ts, max_ts, attributes));
         }
         if removed == 0 {
-            return Ok(None);
+            return Ok((None, kept_tombstones));
         }
-        Ok(Some((out, removed)))
+        Ok((Some((out, removed)), kept_tombstones))
     }
 
     /// Writes the cleaned segment next to the old one and swaps it in (see the module comment).
@@ -1012,16 +1010,6 @@ fn set_mtime_ms(fd: std::os::fd::RawFd, ms: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cleanup_policy_parses_kafka_lists() {
-        assert_eq!(parse_cleanup_policy("compact"), Ok((true, false)));
-        assert_eq!(parse_cleanup_policy("delete"), Ok((false, true)));
-        assert_eq!(parse_cleanup_policy("compact,delete"), Ok((true, true)));
-        assert_eq!(parse_cleanup_policy("delete, compact"), Ok((true, true)));
-        assert!(parse_cleanup_policy("compacted").is_err());
-        assert!(parse_cleanup_policy("").is_err());
-    }
 
     #[test]
     fn filler_batches_are_valid_empty_batches() {
