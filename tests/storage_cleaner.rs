@@ -295,10 +295,15 @@ fn tombstones_stay_for_delete_retention_then_go() {
         log.roll(wall).await.unwrap();
         log.wait_durable(log.log_end_offset()).await.unwrap();
 
-        // Right after writing: the tombstone stays, every older "a" is gone.
-        log.clean(wall + 1_000, 0, CleanerLimits::default())
+        // Right after writing: the tombstone stays, every older "a" is gone, and the pass says when
+        // it may go (so the broker runs a pass then even without new data).
+        let outcome = log
+            .clean(wall + 1_000, 0, CleanerLimits::default())
             .await
+            .unwrap()
             .unwrap();
+        let due = outcome.tombstones_due_ms.expect("a tombstone was kept");
+        assert!(due > wall + 1_000 && due <= wall + 5_001 + 1_000, "{due}");
         let (records, _) = read_all(&log).await;
         let a: Vec<&Rec> = records
             .iter()

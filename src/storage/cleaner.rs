@@ -502,6 +502,91 @@ struct Candidate {
     first_append_ms: Option<i64>,
 }
 
+/// Streams a cleaned segment to `<base>.log.cleaned`, accounting batches and building the indexes
+/// by the append rules as it goes.
+struct CleanedWriter {
+    segment: Segment,
+    buffer: Vec<u8>,
+    written: u64,
+    index_interval_bytes: u32,
+    index_limits: (usize, usize),
+}
+
+/// How much cleaned output is gathered before one write.
+const WRITE_CHUNK_BYTES: usize = 1 << 20;
+
+impl CleanedWriter {
+    async fn create(
+        log: &PartitionLog,
+        candidate: &Candidate,
+        config: &super::config::LogConfig,
+    ) -> Result<CleanedWriter, CleanError> {
+        let path = cleaned_path(&log.dir, candidate.base, "log.cleaned");
+        let file = log
+            .disk
+            .open_rw(&path, true)
+            .await
+            .map_err(|source| StorageError::io("open", &path, source))?;
+        log.disk
+            .set_len(&file, 0)
+            .await
+            .map_err(|source| StorageError::io("truncate", &path, source))?;
+        // The file is named by its final path: that is where it lives once swapped in.
+        let final_path = cleaned_path(&log.dir, candidate.base, "log");
+        Ok(CleanedWriter {
+            segment: Segment::new(
+                &log.dir,
+                candidate.base,
+                SegmentFile::new(file, final_path, candidate.base),
+                candidate.last_write_ms,
+            ),
+            buffer: Vec::new(),
+            written: 0,
+            index_interval_bytes: config.index_interval_bytes,
+            index_limits: (config.max_index_entries(), config.max_time_index_entries()),
+        })
+    }
+
+    /// Adds one whole batch.
+    fn push(&mut self, batch: &[u8]) {
+        let position = self.written + self.buffer.len() as u64;
+        let last = i64_at(batch, 0) + i64::from(i32_at(batch, LAST_OFFSET_DELTA_AT));
+        self.segment.note_batch(
+            position,
+            batch.len() as u64,
+            last,
+            i64_at(batch, MAX_TIMESTAMP_AT),
+            self.index_interval_bytes,
+            self.index_limits,
+        );
+        self.buffer.extend_from_slice(batch);
+    }
+
+    async fn write_if_full(&mut self, disk: &Disk, pacer: &mut Pacer) -> Result<(), CleanError> {
+        if self.buffer.len() >= WRITE_CHUNK_BYTES {
+            self.write(disk, pacer).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, disk: &Disk, pacer: &mut Pacer) -> Result<(), CleanError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::take(&mut self.buffer);
+        let len = chunk.len();
+        disk.write_all_at(self.segment.log.file(), chunk, self.written)
+            .await
+            .map_err(|source| {
+                let path = self.segment.log.path().with_extension("log.cleaned");
+                StorageError::io("write", path, source)
+            })?;
+        self.written += len as u64;
+        pacer.account(len).await;
+        Ok(())
+    }
+}
+
 fn cleaned_path(dir: &Path, base: i64, suffix: &str) -> PathBuf {
     dir.join(format!("{}.{suffix}", segment_stem(base)))
 }
@@ -650,6 +735,7 @@ impl PartitionLog {
                     drop_tombstones,
                     &producer_last,
                     &mut pacer,
+                    &config,
                 )
                 .await?;
             let (rewritten, kept_tombstones) = rewritten;
@@ -661,10 +747,10 @@ impl PartitionLog {
                 outcome.tombstones_due_ms =
                     Some(outcome.tombstones_due_ms.map_or(due, |d| d.min(due)));
             }
-            let Some((bytes, removed)) = rewritten else {
+            let Some((segment, removed)) = rewritten else {
                 continue;
             };
-            let (before, after) = self.swap_in(candidate, bytes, &config).await?;
+            let (before, after) = self.swap_in(candidate, segment).await?;
             outcome.cleaned_segments += 1;
             outcome.bytes_before += before;
             outcome.bytes_after += after;
@@ -682,8 +768,9 @@ impl PartitionLog {
         Ok(Some(outcome))
     }
 
-    /// The cleaned bytes of one segment and the number of records removed (`None` if nothing in it
-    /// would change), and whether it keeps a tombstone.
+    /// Writes the cleaned form of one segment to `<base>.log.cleaned` (in 1 MiB writes, so memory
+    /// stays bounded by the largest batch) and returns it with the number of records removed
+    /// (`None`, and no file, if nothing in it would change), and whether it keeps a tombstone.
     async fn rewrite_segment(
         &self,
         candidate: &Candidate,
@@ -692,8 +779,9 @@ impl PartitionLog {
         drop_tombstones: bool,
         producer_last: &HashSet<i64>,
         pacer: &mut Pacer,
-    ) -> Result<(Option<(Vec<u8>, u64)>, bool), CleanError> {
-        let mut out: Vec<u8> = Vec::with_capacity(candidate.size_bytes as usize / 2);
+        config: &super::config::LogConfig,
+    ) -> Result<(Option<(Segment, u64)>, bool), CleanError> {
+        let mut out = CleanedWriter::create(self, candidate, config).await?;
         let mut removed = 0u64;
         let mut kept_tombstones = false;
         // The pending run of emptied batches: (first offset, last offset, base ts, max ts, attributes).
@@ -709,14 +797,15 @@ impl PartitionLog {
                 offset: base,
                 reason,
             };
-            let keep_whole = |out: &mut Vec<u8>,
+            let keep_whole = |out: &mut CleanedWriter,
                               run: &mut Option<(i64, i64, i64, i64, u16)>,
                               bytes: &[u8]| {
                 if let Some((first, last, base_ts, max_ts, attributes)) = run.take() {
-                    out.extend_from_slice(&filler_batch(first, last, base_ts, max_ts, attributes));
+                    out.push(&filler_batch(first, last, base_ts, max_ts, attributes));
                 }
-                out.extend_from_slice(bytes);
+                out.push(bytes);
             };
+            out.write_if_full(&self.disk, pacer).await?;
             if attributes & CONTROL_FLAG != 0 || base >= map_end {
                 keep_whole(&mut out, &mut run, &batch);
                 continue;
@@ -768,12 +857,19 @@ impl PartitionLog {
             }
         }
         if let Some((first, last, base_ts, max_ts, attributes)) = run.take() {
-            out.extend_from_slice(&filler_batch(first, last, base_ts, max_ts, attributes));
+            out.push(&filler_batch(first, last, base_ts, max_ts, attributes));
         }
         if removed == 0 {
+            drop(out.segment);
+            let path = cleaned_path(&self.dir, candidate.base, "log.cleaned");
+            self.disk
+                .remove_file(&path)
+                .await
+                .map_err(|source| StorageError::io("remove_file", &path, source))?;
             return Ok((None, kept_tombstones));
         }
-        Ok((Some((out, removed)), kept_tombstones))
+        out.write(&self.disk, pacer).await?;
+        Ok((Some((out.segment, removed)), kept_tombstones))
     }
 
     /// Writes the cleaned segment next to the old one and swaps it in (see the module comment).
@@ -781,8 +877,7 @@ impl PartitionLog {
     async fn swap_in(
         &self,
         candidate: &Candidate,
-        bytes: Vec<u8>,
-        config: &super::config::LogConfig,
+        mut segment: Segment,
     ) -> Result<(u64, u64), CleanError> {
         let dir = self.dir.clone();
         let base = candidate.base;
@@ -793,49 +888,11 @@ impl PartitionLog {
             let path = path.to_path_buf();
             move |source| CleanError::Storage(StorageError::io(op, path, source))
         };
-
-        // The new segment's accounting and indexes, by the same rules appends follow.
-        let file = self
-            .disk
-            .open_rw(&log_cleaned, true)
-            .await
-            .map_err(io("open", &log_cleaned))?;
-        self.disk
-            .set_len(&file, 0)
-            .await
-            .map_err(io("truncate", &log_cleaned))?;
-        let mut segment = Segment::new(
-            &dir,
-            base,
-            SegmentFile::new(file, cleaned_path(&dir, base, "log"), base),
-            candidate.last_write_ms,
-        );
-        let limits = (config.max_index_entries(), config.max_time_index_entries());
-        let mut position = 0usize;
-        while position < bytes.len() {
-            let size = i32_at(&bytes, position + LENGTH_AT) as usize + 12;
-            let last = i64_at(&bytes, position)
-                + i64::from(i32_at(&bytes, position + LAST_OFFSET_DELTA_AT));
-            let max_ts = i64_at(&bytes, position + MAX_TIMESTAMP_AT);
-            segment.note_batch(
-                position as u64,
-                size as u64,
-                last,
-                max_ts,
-                config.index_interval_bytes,
-                limits,
-            );
-            position += size;
-        }
         segment.seal_time_index();
         segment.next_offset = candidate.next_offset;
         segment.first_append_ms = candidate.first_append_ms;
         segment.last_write_ms = candidate.last_write_ms;
-        let after = bytes.len() as u64;
-        self.disk
-            .write_all_at(segment.log.file(), bytes, 0)
-            .await
-            .map_err(io("write", &log_cleaned))?;
+        let after = segment.size_bytes;
         self.disk
             .sync_data(segment.log.file())
             .await
