@@ -502,6 +502,17 @@ struct Candidate {
     first_append_ms: Option<i64>,
 }
 
+/// What decides whether a record survives a pass.
+#[derive(Clone, Copy)]
+struct RetainRules<'a> {
+    /// Key -> offset of its latest record in the mapped range.
+    map: &'a HashMap<Vec<u8>, i64>,
+    /// One past the last mapped offset; records from here on are kept.
+    map_end: i64,
+    /// Last offsets of the batches the producer state remembers.
+    producer_last: &'a HashSet<i64>,
+}
+
 /// Streams a cleaned segment to `<base>.log.cleaned`, accounting batches and building the indexes
 /// by the append rules as it goes.
 struct CleanedWriter {
@@ -720,6 +731,11 @@ impl PartitionLog {
         }
 
         // 2. Rewrite every candidate segment below the map's end.
+        let rules = RetainRules {
+            map: &map,
+            map_end,
+            producer_last: &producer_last,
+        };
         let tombstone_horizon = now_ms.saturating_sub(config.compaction.delete_retention_ms as i64);
         let mut outcome = CleanOutcome {
             first_dirty_offset: map_end,
@@ -728,15 +744,7 @@ impl PartitionLog {
         for candidate in candidates.iter().filter(|c| c.base < map_end) {
             let drop_tombstones = candidate.last_write_ms < tombstone_horizon;
             let rewritten = self
-                .rewrite_segment(
-                    candidate,
-                    &map,
-                    map_end,
-                    drop_tombstones,
-                    &producer_last,
-                    &mut pacer,
-                    &config,
-                )
+                .rewrite_segment(candidate, &rules, drop_tombstones, &mut pacer, &config)
                 .await?;
             let (rewritten, kept_tombstones) = rewritten;
             if kept_tombstones {
@@ -774,13 +782,16 @@ impl PartitionLog {
     async fn rewrite_segment(
         &self,
         candidate: &Candidate,
-        map: &HashMap<Vec<u8>, i64>,
-        map_end: i64,
+        rules: &RetainRules<'_>,
         drop_tombstones: bool,
-        producer_last: &HashSet<i64>,
         pacer: &mut Pacer,
         config: &super::config::LogConfig,
     ) -> Result<(Option<(Segment, u64)>, bool), CleanError> {
+        let RetainRules {
+            map,
+            map_end,
+            producer_last,
+        } = *rules;
         let mut out = CleanedWriter::create(self, candidate, config).await?;
         let mut removed = 0u64;
         let mut kept_tombstones = false;
