@@ -12,8 +12,8 @@ use tracing::{error, warn};
 
 use super::ShardBroker;
 use crate::config::{Config, parse_cleanup_policy};
-use crate::storage::PartitionLog;
 use crate::storage::cleaner::{CleanError, CleanerLimits, CompactionConfig, cleanup_policy_text};
+use crate::storage::{PartitionLog, StorageError};
 
 /// A topic's compaction overrides; `None` = the broker default.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -219,7 +219,9 @@ impl ShardBroker {
                             );
                         }
                         Ok(None) => {}
-                        Err(CleanError::Interrupted) => {}
+                        // The log closed under the pass (its topic was deleted, or shutdown).
+                        Err(CleanError::Interrupted)
+                        | Err(CleanError::Storage(StorageError::Closed { .. })) => {}
                         Err(CleanError::Storage(e)) => {
                             error!(topic = %key.0, partition = key.1, error = %e, "log cleaner failed")
                         }
