@@ -146,6 +146,8 @@ pub struct Config {
     /// Requests of one connection admitted to the handler but not yet answered
     /// (`ringbroker.connection.max.inflight.requests`).
     pub connection_max_inflight_requests: usize,
+    /// `log.cleanup.policy` and the `log.cleaner.*` settings (log compaction).
+    pub log_cleaner: LogCleanerConfig,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -188,6 +190,15 @@ const KNOWN_KEYS: &[&str] = &[
     "offsets.retention.minutes",
     "producer.id.expiration.ms",
     "producer.id.expiration.check.interval.ms",
+    "log.cleanup.policy",
+    "log.cleaner.enable",
+    "log.cleaner.backoff.ms",
+    "log.cleaner.dedupe.buffer.size",
+    "log.cleaner.io.max.bytes.per.second",
+    "log.cleaner.min.cleanable.ratio",
+    "log.cleaner.min.compaction.lag.ms",
+    "log.cleaner.max.compaction.lag.ms",
+    "log.cleaner.delete.retention.ms",
     KEY_SHARDS,
     KEY_HW_DURABLE,
     KEY_SPLICE_MIN,
@@ -470,6 +481,7 @@ impl Config {
             shutdown_timeout_ms: reader.int(KEY_SHUTDOWN_TIMEOUT, 10_000, 0, i64::MAX)? as u64,
             connection_max_inflight_requests: reader.int(KEY_INFLIGHT_REQUESTS, 32, 1, 1 << 16)?
                 as usize,
+            log_cleaner: read_log_cleaner(&reader)?,
         };
         Ok(Loaded { config, warnings })
     }
@@ -570,6 +582,7 @@ impl Config {
                 "{KEY_INFLIGHT_REQUESTS} = {}",
                 self.connection_max_inflight_requests
             ),
+            format!("log.cleaner = {:?}", self.log_cleaner),
         ]
     }
 }
@@ -632,6 +645,115 @@ impl Reader<'_> {
             )),
         }
     }
+}
+
+/// The log cleaner's broker settings: Kafka's `log.cleanup.policy` (the default of every topic's
+/// `cleanup.policy`) and `log.cleaner.*`. Each shard runs one cleaner over its own partitions, so
+/// the buffer and IO budgets are divided among the shards (Kafka divides them among cleaner threads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogCleanerConfig {
+    /// `log.cleaner.enable` (true).
+    pub enable: bool,
+    /// `log.cleanup.policy` names `compact` (default: only `delete`).
+    pub cleanup_compact: bool,
+    /// `log.cleanup.policy` names `delete`.
+    pub cleanup_delete: bool,
+    /// `log.cleaner.backoff.ms`: the pause between two rounds over a shard's partitions (15 s).
+    pub backoff_ms: u64,
+    /// `log.cleaner.dedupe.buffer.size`: offset-map memory for the whole broker (128 MiB).
+    pub dedupe_buffer_size_bytes: u64,
+    /// `log.cleaner.io.max.bytes.per.second` for the whole broker; `None` = unlimited (Kafka's default).
+    pub io_max_bytes_per_second: Option<u64>,
+    /// `log.cleaner.min.cleanable.ratio` (0.5).
+    pub min_cleanable_ratio: f64,
+    /// `log.cleaner.min.compaction.lag.ms` (0).
+    pub min_compaction_lag_ms: u64,
+    /// `log.cleaner.max.compaction.lag.ms`; `None` = Kafka's Long.MAX_VALUE (the default).
+    pub max_compaction_lag_ms: Option<u64>,
+    /// `log.cleaner.delete.retention.ms` (1 day).
+    pub delete_retention_ms: u64,
+}
+
+/// Parses a `cleanup.policy` list (`delete`, `compact` or both, comma-separated) into
+/// (compact, delete).
+pub fn parse_cleanup_policy(value: &str) -> Option<(bool, bool)> {
+    let mut compact = false;
+    let mut delete = false;
+    for part in value.split(',').map(str::trim) {
+        match part {
+            "compact" => compact = true,
+            "delete" => delete = true,
+            _ => return None,
+        }
+    }
+    (compact || delete).then_some((compact, delete))
+}
+
+fn read_log_cleaner(reader: &Reader<'_>) -> Result<LogCleanerConfig, ConfigError> {
+    let (cleanup_compact, cleanup_delete) = match reader.raw("log.cleanup.policy") {
+        None => (false, true),
+        Some(value) => parse_cleanup_policy(value).ok_or_else(|| {
+            ConfigError::invalid(
+                "log.cleanup.policy",
+                value,
+                "must be delete, compact or compact,delete",
+            )
+        })?,
+    };
+    let float = |key: &str, default: f64, min: f64, max: f64| -> Result<f64, ConfigError> {
+        let Some(value) = reader.raw(key) else {
+            return Ok(default);
+        };
+        let parsed: f64 = value
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::invalid(key, value, "not a number"))?;
+        if !(min..=max).contains(&parsed) {
+            return Err(ConfigError::invalid(
+                key,
+                value,
+                format!("must be between {min} and {max}"),
+            ));
+        }
+        Ok(parsed)
+    };
+    let io_rate = float(
+        "log.cleaner.io.max.bytes.per.second",
+        f64::MAX,
+        1.0,
+        f64::MAX,
+    )?;
+    let max_lag = reader.int("log.cleaner.max.compaction.lag.ms", i64::MAX, 1, i64::MAX)?;
+    let min_lag = reader.int("log.cleaner.min.compaction.lag.ms", 0, 0, i64::MAX)?;
+    if min_lag > max_lag {
+        return Err(ConfigError::invalid(
+            "log.cleaner.min.compaction.lag.ms",
+            &min_lag.to_string(),
+            "must not exceed log.cleaner.max.compaction.lag.ms",
+        ));
+    }
+    Ok(LogCleanerConfig {
+        enable: reader.bool("log.cleaner.enable", true)?,
+        cleanup_compact,
+        cleanup_delete,
+        backoff_ms: reader.int("log.cleaner.backoff.ms", 15_000, 0, i64::MAX)? as u64,
+        dedupe_buffer_size_bytes: reader.int(
+            "log.cleaner.dedupe.buffer.size",
+            128 << 20,
+            1024,
+            i64::MAX,
+        )? as u64,
+        io_max_bytes_per_second: (io_rate < u64::MAX as f64).then_some(io_rate as u64),
+        min_cleanable_ratio: float("log.cleaner.min.cleanable.ratio", 0.5, 0.0, 1.0)?,
+        min_compaction_lag_ms: min_lag as u64,
+        max_compaction_lag_ms: (max_lag < i64::MAX).then_some(max_lag as u64),
+        delete_retention_ms: reader.int(
+            "log.cleaner.delete.retention.ms",
+            86_400_000,
+            0,
+            i64::MAX,
+        )? as u64,
+    })
 }
 
 /// Picks the one PLAINTEXT listener out of Kafka's comma-separated `NAME://host:port` list.
@@ -1066,6 +1188,6 @@ mod tests {
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 34);
+        assert_eq!(lines.len(), 35);
     }
 }

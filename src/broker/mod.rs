@@ -9,6 +9,8 @@
 //! - Kafka error codes are produced here (see `errors`), never inside storage.
 
 mod admin;
+mod compaction;
+mod delete_records;
 mod errors;
 mod fetch;
 mod group_api;
@@ -138,6 +140,7 @@ impl HandlerFactory for BrokerFactory {
         }
         CURRENT.with(|cell| *cell.borrow_mut() = Some(broker.clone()));
         broker.clone().start_housekeeping();
+        broker.clone().start_cleaner();
         Ok(BrokerHandler { broker })
     }
 }
@@ -358,6 +361,9 @@ impl ShardBroker {
             }
             RequestKind::DeleteTopics(req) => {
                 ResponseKind::DeleteTopics(self.delete_topics(req, version).await)
+            }
+            RequestKind::DeleteRecords(req) => {
+                ResponseKind::DeleteRecords(self.delete_records(req).await)
             }
             RequestKind::DescribeConfigs(req) => {
                 ResponseKind::DescribeConfigs(self.describe_configs(req, version))
@@ -741,6 +747,7 @@ pub const HANDLED_APIS: &[ApiKey] = &[
     ApiKey::CreateTopics,
     ApiKey::DeleteTopics,
     ApiKey::DescribeConfigs,
+    ApiKey::DeleteRecords,
     ApiKey::FindCoordinator,
     ApiKey::JoinGroup,
     ApiKey::SyncGroup,

@@ -430,6 +430,10 @@ impl PartitionLog {
             (state.config.max_message_bytes, state.config.segment_bytes)
         };
         let validated = batch::validate_records(&records, max_message_bytes)?;
+        if self.state.borrow().config.compaction.compact {
+            let partition = self.dir.file_name().unwrap_or_default().to_string_lossy();
+            super::cleaner::require_keys(&records, &partition)?;
+        }
         if records.len() as u64 > segment_bytes {
             return Err(AppendError::RecordBatchTooLarge {
                 size: records.len(),
@@ -1570,6 +1574,10 @@ impl PartitionLog {
             log_start_offset: self.log_start_offset(),
             ..RetentionOutcome::default()
         };
+        // `cleanup.policy=compact` alone keeps data until the cleaner supersedes it.
+        if !self.state.borrow().config.compaction.delete {
+            return Ok(outcome);
+        }
         // Bounded by the number of segments: each round deletes the oldest one or stops.
         loop {
             let victim = {
@@ -1627,7 +1635,8 @@ impl PartitionLog {
             let removed = {
                 let mut state = self.state.borrow_mut();
                 let removed = state.segments.remove(&base);
-                state.log_start_offset = next_base;
+                // DeleteRecords may have moved the start past this segment already.
+                state.log_start_offset = state.log_start_offset.max(next_base);
                 state.check_invariants();
                 removed
             };
@@ -1641,7 +1650,7 @@ impl PartitionLog {
             tracing::info!(dir = %self.dir.display(), base_offset = base, size_bytes, "retention deleted segment");
             outcome.deleted_segments += 1;
             outcome.deleted_bytes += size_bytes;
-            outcome.log_start_offset = next_base;
+            outcome.log_start_offset = self.log_start_offset();
         }
         if outcome.deleted_segments > 0 {
             // Snapshots below the new log start describe deleted data; the newest is kept whatever

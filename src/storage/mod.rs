@@ -8,12 +8,14 @@
 //! invariants and the recovery procedure.
 
 pub mod batch;
+pub mod cleaner;
 pub mod config;
 pub mod dirs;
 pub mod disk;
 pub mod error;
 pub mod index;
 mod log;
+pub mod log_start;
 pub mod producer_state;
 pub mod quarantine;
 mod recovery;
@@ -30,4 +32,5 @@ pub use dirs::{
 pub use disk::{Disk, Fault, FaultInjector, IoKind};
 pub use error::{AppendError, ReadError, StorageError};
 pub use log::{AppendInfo, LEADER_EPOCH, PartitionLog, ReadSlice, RetentionOutcome};
+pub use log_start::DeleteRecordsError;
 pub use segment::SegmentFile;

@@ -52,6 +52,7 @@ impl PartitionLog {
         disk.create_dir_all(dir)
             .await
             .map_err(|source| StorageError::io("create_dir_all", dir, source))?;
+        super::cleaner::complete_interrupted_swaps(&disk, dir).await?;
         let now_ms = wall_clock_ms(SystemTime::now());
         let entries = disk
             .list_dir(dir)
@@ -505,6 +506,7 @@ impl PartitionLog {
         let end = log.state.borrow().end_position();
         log.write_recovery_point(end).await;
         log.sync_recovery_point().await?;
+        log.restore_log_start_offset().await?;
         log.load_producer_state(snapshot_offsets, now_ms).await?;
         if clean {
             // The marker must be gone for good before the first append: if it came back after a crash,
