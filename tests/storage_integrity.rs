@@ -488,3 +488,56 @@ fn a_read_at_a_damaged_header_in_a_closed_segment_answers_corrupt_not_nothing() 
         });
     }
 }
+
+#[test]
+fn a_truncated_closed_segment_keeps_the_rest_and_records_the_loss() {
+    // A closed segment loses its last 100 bytes after a clean stop (a lost write-back, a bad copy):
+    // the partial batch is copied aside, the lost offsets are recorded up to the next segment, and
+    // every other batch, in this segment and later ones, still reads.
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config();
+    let acked = run(async {
+        let log = PartitionLog::open(dir.path(), config.clone())
+            .await
+            .unwrap();
+        let mut acked = Vec::new();
+        for seed in 0..60u64 {
+            let client = batch(2, 300, 0, seed);
+            let info = log.append(client.clone(), 0).await.unwrap();
+            acked.push(Acked {
+                base_offset: info.base_offset,
+                last_offset: info.last_offset,
+                bytes: as_stored(&client, info.base_offset),
+            });
+        }
+        log.close().await.unwrap();
+        acked
+    });
+    let segments = segment_paths(dir.path());
+    let originals = names(&segments);
+    let first = &segments[0];
+    let cut_batch = batches_in(first).last().unwrap().1.base_offset;
+    let length = std::fs::metadata(first).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(first)
+        .unwrap()
+        .set_len(length - 100)
+        .unwrap();
+    let damaged = acked
+        .iter()
+        .find(|batch| batch.base_offset == cut_batch)
+        .unwrap()
+        .clone();
+    check_reopened(dir.path(), config, &acked, &damaged, true);
+    assert_nothing_unlinked(dir.path(), &originals);
+    let listed = std::fs::read_to_string(dir.path().join("quarantine/damaged-offsets")).unwrap();
+    assert!(
+        listed.starts_with(&format!(
+            "{} {} ",
+            damaged.base_offset,
+            damaged.last_offset + 1
+        )),
+        "{listed}"
+    );
+}
