@@ -143,6 +143,9 @@ pub struct Config {
     pub mailbox_capacity: usize,
     pub connection_max_inflight_bytes: u64,
     pub shutdown_timeout_ms: u64,
+    /// `ringbroker.log.scrub.bytes.per.second`: how fast each shard re-reads closed segments to verify
+    /// them (0 disables the scrubber).
+    pub log_scrub_bytes_per_second: u64,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -194,6 +197,7 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_MAILBOX,
     KEY_INFLIGHT,
     KEY_SHUTDOWN_TIMEOUT,
+    KEY_SCRUB_RATE,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -205,6 +209,7 @@ pub const KEY_MAX_CONNECTIONS: &str = "ringbroker.max.connections.per.shard";
 pub const KEY_MAILBOX: &str = "ringbroker.mailbox.capacity";
 pub const KEY_INFLIGHT: &str = "ringbroker.connection.max.inflight.bytes";
 pub const KEY_SHUTDOWN_TIMEOUT: &str = "ringbroker.shutdown.timeout.ms";
+pub const KEY_SCRUB_RATE: &str = "ringbroker.log.scrub.bytes.per.second";
 
 /// The embedded defaults: `ringbroker` with no arguments serves 127.0.0.1:9092 from
 /// `./ringbroker-data`. Loopback rather than Kafka's all-interfaces default, so that a broker
@@ -463,6 +468,9 @@ impl Config {
             mailbox_capacity: reader.int(KEY_MAILBOX, 1024, 1, 1 << 20)? as usize,
             connection_max_inflight_bytes: reader.int(KEY_INFLIGHT, 64 << 20, 1, i64::MAX)? as u64,
             shutdown_timeout_ms: reader.int(KEY_SHUTDOWN_TIMEOUT, 10_000, 0, i64::MAX)? as u64,
+            // 8 MiB/s per shard: a 1 GiB segment is verified in about two minutes, at a read rate far
+            // below what the append path needs (see docs/storage.md, "Scrubbing").
+            log_scrub_bytes_per_second: reader.int(KEY_SCRUB_RATE, 8 << 20, 0, i64::MAX)? as u64,
         };
         Ok(Loaded { config, warnings })
     }
@@ -559,6 +567,7 @@ impl Config {
             format!("{KEY_MAILBOX} = {}", self.mailbox_capacity),
             format!("{KEY_INFLIGHT} = {}", self.connection_max_inflight_bytes),
             format!("{KEY_SHUTDOWN_TIMEOUT} = {}", self.shutdown_timeout_ms),
+            format!("{KEY_SCRUB_RATE} = {}", self.log_scrub_bytes_per_second),
         ]
     }
 }
