@@ -1059,11 +1059,20 @@ mod tests {
     }
 
     #[test]
+    fn scrub_rate_defaults_to_8_mib_and_zero_disables() {
+        assert_eq!(load("").unwrap().config.log_scrub_bytes_per_second, 8 << 20);
+        let set = load("ringbroker.log.scrub.bytes.per.second=0").unwrap();
+        assert_eq!(set.config.log_scrub_bytes_per_second, 0);
+        let error = load("ringbroker.log.scrub.bytes.per.second=-1").unwrap_err();
+        assert!(error.to_string().contains(KEY_SCRUB_RATE), "{error}");
+    }
+
+    #[test]
     fn summary_has_one_line_per_setting() {
         let config = load("").unwrap().config;
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 34);
+        assert_eq!(lines.len(), 35);
     }
 }
