@@ -148,6 +148,9 @@ pub struct Config {
     pub connection_max_inflight_requests: usize,
     /// `log.cleanup.policy` and the `log.cleaner.*` settings (log compaction).
     pub log_cleaner: LogCleanerConfig,
+    /// `ringbroker.log.scrub.bytes.per.second`: how fast each shard re-reads closed segments to verify
+    /// them (0 disables the scrubber).
+    pub log_scrub_bytes_per_second: u64,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -209,6 +212,7 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_INFLIGHT,
     KEY_SHUTDOWN_TIMEOUT,
     KEY_INFLIGHT_REQUESTS,
+    KEY_SCRUB_RATE,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -221,6 +225,7 @@ pub const KEY_MAILBOX: &str = "ringbroker.mailbox.capacity";
 pub const KEY_INFLIGHT: &str = "ringbroker.connection.max.inflight.bytes";
 pub const KEY_SHUTDOWN_TIMEOUT: &str = "ringbroker.shutdown.timeout.ms";
 pub const KEY_INFLIGHT_REQUESTS: &str = "ringbroker.connection.max.inflight.requests";
+pub const KEY_SCRUB_RATE: &str = "ringbroker.log.scrub.bytes.per.second";
 
 /// The embedded defaults: `ringbroker` with no arguments serves 127.0.0.1:9092 from
 /// `./ringbroker-data`. Loopback rather than Kafka's all-interfaces default, so that a broker
@@ -482,6 +487,9 @@ impl Config {
             connection_max_inflight_requests: reader.int(KEY_INFLIGHT_REQUESTS, 32, 1, 1 << 16)?
                 as usize,
             log_cleaner: read_log_cleaner(&reader)?,
+            // 8 MiB/s per shard: a 1 GiB segment is verified in about two minutes, at a read rate far
+            // below what the append path needs (see docs/storage.md, "Scrubbing").
+            log_scrub_bytes_per_second: reader.int(KEY_SCRUB_RATE, 8 << 20, 0, i64::MAX)? as u64,
         };
         Ok(Loaded { config, warnings })
     }
@@ -583,6 +591,7 @@ impl Config {
                 self.connection_max_inflight_requests
             ),
             format!("log.cleaner = {:?}", self.log_cleaner),
+            format!("{KEY_SCRUB_RATE} = {}", self.log_scrub_bytes_per_second),
         ]
     }
 }
@@ -1180,6 +1189,15 @@ mod tests {
             Config::from_cli(&cli),
             Err(ConfigError::BadOverride(_))
         ));
+    }
+
+    #[test]
+    fn scrub_rate_defaults_to_8_mib_and_zero_disables() {
+        assert_eq!(load("").unwrap().config.log_scrub_bytes_per_second, 8 << 20);
+        let set = load("ringbroker.log.scrub.bytes.per.second=0").unwrap();
+        assert_eq!(set.config.log_scrub_bytes_per_second, 0);
+        let error = load("ringbroker.log.scrub.bytes.per.second=-1").unwrap_err();
+        assert!(error.to_string().contains(KEY_SCRUB_RATE), "{error}");
     }
 
     #[test]

@@ -247,3 +247,54 @@ fn a_damaged_header_in_a_closed_segment_gives_the_consumer_an_error_not_a_stall(
         errors[0]
     );
 }
+
+#[test]
+fn the_scrubber_finds_a_flipped_crc_byte_at_rest_and_the_consumer_gets_an_error() {
+    let mut broker = Broker::start(1, &[]);
+    let acked = produce_acked(&broker, 3000);
+    let dir = partition_dir(&broker);
+    assert_eq!(broker.stop(), Some(0), "clean stop");
+    let first = segments(&dir).remove(0);
+    let in_first = batches(&first);
+    let (position, lost_from, lost_to) = in_first[in_first.len() / 2];
+    // A byte inside the records: only the CRC tells.
+    flip(&first, position + 70, 0x10);
+
+    let log = broker.data_dir.parent().unwrap().join("broker.log");
+    let data_dir = broker.data_dir.clone();
+    let restarted = Broker::start_on_logged(
+        &data_dir,
+        1,
+        &["ringbroker.log.scrub.bytes.per.second=104857600"],
+        &log,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("scrub pass") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no scrub pass logged:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let line = text
+        .lines()
+        .find(|line| line.contains("ERROR") && line.contains("CRC mismatch"))
+        .unwrap_or_else(|| panic!("no ERROR line about the CRC in:\n{text}"));
+    assert!(line.contains(&first.display().to_string()), "{line}");
+    assert!(
+        text.lines().any(|line| line.contains("scrub pass")
+            && line.contains("damaged_batches=1")
+            && line.contains("duration_ms=")),
+        "{text}"
+    );
+    assert!(seconds_to_error(&restarted, lost_from) < 5.0);
+    let end = *acked.keys().last().unwrap() + 1;
+    let (read, errors) = read_all(&restarted, 0, end, &|_| lost_to + 1);
+    assert_eq!(errors, vec![lost_from]);
+    for (offset, value) in &acked {
+        if !(lost_from..=lost_to).contains(offset) {
+            assert_eq!(read.get(offset), Some(value), "acked offset {offset}");
+        }
+    }
+}

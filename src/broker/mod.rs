@@ -670,6 +670,10 @@ impl ShardBroker {
             }
         })
         .detach();
+        if self.config.log_scrub_bytes_per_second > 0 {
+            let scrub_broker = self.clone();
+            compio::runtime::spawn(async move { scrub_broker.scrub_forever().await }).detach();
+        }
         let retention_broker = self;
         compio::runtime::spawn(async move {
             let interval = Duration::from_millis(
@@ -687,6 +691,40 @@ impl ShardBroker {
             }
         })
         .detach();
+    }
+
+    /// The scrubber of this shard: verifies the closed segments of its partitions, one partition at a
+    /// time, at `ringbroker.log.scrub.bytes.per.second` (a budget every 100 ms, so the IO is spread
+    /// out rather than bursty).
+    async fn scrub_forever(&self) {
+        const STEP: Duration = Duration::from_millis(100);
+        let budget_bytes = (self.config.log_scrub_bytes_per_second / 10).max(1);
+        let mut cursors: HashMap<(String, i32), crate::storage::scrub::ScrubCursor> =
+            HashMap::new();
+        let mut turn = 0usize;
+        loop {
+            compio::time::sleep(STEP).await;
+            if self.stopping.get() {
+                break;
+            }
+            let mut logs = self.owned_logs();
+            if logs.is_empty() {
+                continue;
+            }
+            logs.sort_by(|left, right| left.0.cmp(&right.0));
+            cursors.retain(|key, _| logs.iter().any(|(owned, _)| owned == key));
+            let ((topic, partition), log) = &logs[turn % logs.len()];
+            let cursor = cursors.entry((topic.clone(), *partition)).or_default();
+            match log.scrub_step(cursor, budget_bytes).await {
+                Ok(step) if step.pass_finished => turn = turn.wrapping_add(1),
+                Ok(_) => {}
+                Err(e) => {
+                    error!(%topic, partition, error = %e, "scrubbing failed; moving on");
+                    cursors.remove(&(topic.clone(), *partition));
+                    turn = turn.wrapping_add(1);
+                }
+            }
+        }
     }
 
     async fn enforce_retention(&self) {

@@ -193,6 +193,8 @@ pub struct PartitionLog {
     /// resume (position, base offset). Each is logged at ERROR once, when found; reads skip over them
     /// and fetches at their offsets get `ReadError::Corrupt`.
     pub(crate) damaged_spans: RefCell<BTreeMap<(i64, u64), Option<IntactAfter>>>,
+    /// Damaged batches found since open (by reads and the scrubber).
+    pub(crate) damaged_found: Cell<u64>,
 }
 
 /// A detached file operation whose end can be awaited.
@@ -1186,7 +1188,36 @@ impl PartitionLog {
         let mut limit = limit;
         let (position, header) = loop {
             match found {
-                Found::Batch(position, header, _) => break (position, header),
+                Found::Batch(position, header, _) => {
+                    // A batch the scrubber found damaged (a bad CRC) has a valid header: the read
+                    // must not serve it.
+                    let known = self
+                        .damaged_spans
+                        .borrow()
+                        .get(&(file.base_offset(), position))
+                        .copied();
+                    let Some(after) = known else {
+                        break (position, header);
+                    };
+                    match after {
+                        Some((next_position, next_base)) if offset >= next_base => {
+                            found = self
+                                .find_batch(&file, next_position, limit, None, |header| {
+                                    header.last_offset() >= offset
+                                })
+                                .await?;
+                        }
+                        _ => {
+                            return Err(ReadError::Corrupt {
+                                offset,
+                                detail: format!(
+                                    "the batch at byte {position} of {} failed verification",
+                                    file.path().display()
+                                ),
+                            });
+                        }
+                    }
+                }
                 Found::Nothing => {
                     // No batch in this segment reaches the offset. Below the high watermark that means
                     // the segment ends early (offsets between it and the next segment were lost and
@@ -1219,7 +1250,7 @@ impl PartitionLog {
                 }
                 Found::Damaged { position, detail } => {
                     let after = self
-                        .intact_after_damage(&file, position, limit, offset, &detail)
+                        .note_damage(&file, position, limit, offset, &detail)
                         .await?;
                     match after {
                         Some((next_position, next_base)) if offset >= next_base => {
@@ -1262,7 +1293,7 @@ impl PartitionLog {
     /// holding a whole, CRC-valid batch, and its base offset; `None` if nothing intact follows before
     /// `limit`. Found once per damaged position (a search of up to the rest of the segment), logged at
     /// ERROR then, and remembered, so a consumer retrying at a damaged offset costs a map lookup.
-    async fn intact_after_damage(
+    pub(crate) async fn note_damage(
         &self,
         file: &SegmentFile,
         position: u64,
@@ -1278,6 +1309,7 @@ impl PartitionLog {
             super::recovery::find_next_batch(&self.disk, file, position, limit, file.base_offset())
                 .await?
                 .map(|(next_position, header)| (next_position, header.base_offset));
+        self.damaged_found.set(self.damaged_found.get() + 1);
         tracing::error!(
             path = %file.path().display(),
             position,
@@ -1289,6 +1321,11 @@ impl PartitionLog {
         );
         self.damaged_spans.borrow_mut().insert(key, after);
         Ok(after)
+    }
+
+    /// Damaged batches found since the log was opened, by reads and by the scrubber.
+    pub fn damaged_batches_found(&self) -> u64 {
+        self.damaged_found.get()
     }
 
     /// The file, scan start, readable end of `segment` for a read at `offset`, and the last offset of

@@ -20,6 +20,7 @@ pub mod producer_state;
 pub mod quarantine;
 mod recovery;
 pub mod recovery_point;
+pub mod scrub;
 pub mod segment;
 pub mod testing;
 mod waiters;

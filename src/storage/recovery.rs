@@ -160,6 +160,7 @@ impl PartitionLog {
             )),
             damaged: RefCell::new(Vec::new()),
             damaged_spans: RefCell::new(BTreeMap::new()),
+            damaged_found: std::cell::Cell::new(0),
         };
 
         // A work list rather than a plain loop: splitting a damaged segment adds the new segments
