@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
+use crate::storage::WriteMode;
+pub use crate::storage::write_mode::KEY_LOG_WRITE_MODE;
+
 /// The properties every key is read from after merging; ordered so warnings come out sorted.
 type Properties = BTreeMap<String, String>;
 
@@ -143,6 +146,8 @@ pub struct Config {
     pub mailbox_capacity: usize,
     pub connection_max_inflight_bytes: u64,
     pub shutdown_timeout_ms: u64,
+    /// `ringbroker.log.write.mode`; `Node::start` replaces `Auto` by what the probe found.
+    pub log_write_mode: WriteMode,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -194,6 +199,7 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_MAILBOX,
     KEY_INFLIGHT,
     KEY_SHUTDOWN_TIMEOUT,
+    KEY_LOG_WRITE_MODE,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -463,6 +469,16 @@ impl Config {
             mailbox_capacity: reader.int(KEY_MAILBOX, 1024, 1, 1 << 20)? as usize,
             connection_max_inflight_bytes: reader.int(KEY_INFLIGHT, 64 << 20, 1, i64::MAX)? as u64,
             shutdown_timeout_ms: reader.int(KEY_SHUTDOWN_TIMEOUT, 10_000, 0, i64::MAX)? as u64,
+            log_write_mode: match reader.raw(KEY_LOG_WRITE_MODE) {
+                None => WriteMode::Auto,
+                Some(value) => WriteMode::parse(value).ok_or_else(|| {
+                    ConfigError::invalid(
+                        KEY_LOG_WRITE_MODE,
+                        value,
+                        "expected buffered, uncached or auto",
+                    )
+                })?,
+            },
         };
         Ok(Loaded { config, warnings })
     }
@@ -558,6 +574,7 @@ impl Config {
             format!("{KEY_MAX_CONNECTIONS} = {}", self.max_connections_per_shard),
             format!("{KEY_MAILBOX} = {}", self.mailbox_capacity),
             format!("{KEY_INFLIGHT} = {}", self.connection_max_inflight_bytes),
+            format!("{KEY_LOG_WRITE_MODE} = {}", self.log_write_mode.name()),
             format!("{KEY_SHUTDOWN_TIMEOUT} = {}", self.shutdown_timeout_ms),
         ]
     }
@@ -920,6 +937,7 @@ mod tests {
         assert_eq!(config.pipe_size_bytes, 1 << 20);
         assert!(!config.high_watermark_durable);
         assert_eq!(config.shard_count, 2);
+        assert_eq!(config.log_write_mode, WriteMode::Auto);
     }
 
     #[test]
@@ -965,6 +983,11 @@ mod tests {
                 "producer.id.expiration.check.interval.ms=3000000000",
                 "producer.id.expiration.check.interval.ms",
                 "3000000000",
+            ),
+            (
+                "ringbroker.log.write.mode=direct",
+                "ringbroker.log.write.mode",
+                "direct",
             ),
         ] {
             let err = load(text).unwrap_err();
@@ -1055,6 +1078,6 @@ mod tests {
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 34);
+        assert_eq!(lines.len(), 35);
     }
 }

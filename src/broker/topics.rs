@@ -182,6 +182,7 @@ pub fn broker_log_config(config: &Config) -> LogConfig {
         flush_interval_ms: config.log_flush_interval_ms,
         durable_high_watermark: config.high_watermark_durable,
         producer_id_expiration_ms: config.producer_id_expiration_ms,
+        uncached_appends: config.log_write_mode == crate::storage::WriteMode::Uncached,
         ..LogConfig::default()
     }
 }

@@ -33,6 +33,9 @@ pub struct LogConfig {
     /// timestamps, as in Kafka) is forgotten by the partition (1 day). Also how often `tick` writes a
     /// producer-state snapshot is bounded by `recovery_checkpoint_interval_ms`.
     pub producer_id_expiration_ms: u64,
+    /// `ringbroker.log.write.mode` as resolved at startup: true when appends carry `RWF_DONTCACHE`
+    /// (see `write_mode`). False by default; the broker sets it only after the probe said yes.
+    pub uncached_appends: bool,
 }
 
 /// Seven days in milliseconds, Kafka's default for both `log.roll.hours` and `log.retention.hours`.
@@ -53,6 +56,7 @@ impl Default for LogConfig {
             durable_high_watermark: false,
             recovery_checkpoint_interval_ms: 60_000,
             producer_id_expiration_ms: 24 * 60 * 60 * 1000,
+            uncached_appends: false,
         }
     }
 }

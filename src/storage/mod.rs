@@ -19,6 +19,7 @@ mod recovery;
 pub mod segment;
 pub mod testing;
 mod waiters;
+pub mod write_mode;
 
 pub use config::LogConfig;
 pub use dirs::{
@@ -29,3 +30,4 @@ pub use disk::{Disk, Fault, FaultInjector, IoKind};
 pub use error::{AppendError, ReadError, StorageError};
 pub use log::{AppendInfo, LEADER_EPOCH, PartitionLog, ReadSlice, RetentionOutcome};
 pub use segment::SegmentFile;
+pub use write_mode::{WriteMode, WriteModeError};
