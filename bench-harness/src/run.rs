@@ -13,6 +13,7 @@ use crate::client;
 use crate::driver::{ConsumerSpec, ProducerSpec};
 use crate::hosts::{InProcessHost, ProcessHost, WorkerAssignment, WorkerCommand, WorkerHost};
 use crate::metrics::{IntervalMetrics, LatencySummary};
+use crate::pagecache::DirtyLimits;
 use crate::report::{
     BacklogReport, BrokerInfo, DriverInfo, Environment, HistogramSet, IntervalReport, Placement,
     REPORT_SCHEMA_VERSION, RateInfo, RateStep, Report, Totals,
@@ -381,10 +382,8 @@ fn measure(
     if !backlog_mode {
         coord.command(WorkerCommand::EnableConsumers);
     }
-    if let Some(limit) = opts.record_limit {
-        // Every host gets the budget; only hosts with producers spend it.
-        coord.command(WorkerCommand::Budget(limit));
-    }
+    // Read before anything is written, so the run's own writes do not shrink MemAvailable.
+    let dirty_limits = DirtyLimits::read();
 
     // 2. The rate: given, or found by search.
     let (target, search) = match w.target_records_per_second() {
@@ -404,7 +403,14 @@ fn measure(
         coord.run_for(Duration::from_secs_f64(w.warmup_s), "warm-up")?;
     }
 
-    // 4. Measurement.
+    // 4. Measurement. `--records N` budgets exactly the measured phase: the search and warm-up
+    // produce on an unlimited budget, and the measured phase ends once N records are acknowledged
+    // (and consumers, if any, caught up), with `duration_s` as the cap.
+    if let Some(limit) = opts.record_limit {
+        // Every host gets the budget; only hosts with producers spend it.
+        coord.command(WorkerCommand::Budget(limit));
+    }
+    let mut produce_done_s: Option<f64> = None;
     let measure_start = Instant::now();
     let duration = Duration::from_secs_f64(w.duration_s);
     let stats_interval = w.stats_interval_s;
@@ -465,8 +471,11 @@ fn measure(
             }
         }
         if let Some(limit) = opts.record_limit {
-            let produced = coord.totals.published_records + coord.totals.publish_errors;
-            if produced >= limit && (!has_consumers || coord.backlog() <= 0) {
+            let produced = aggregate.published_records + aggregate.publish_errors;
+            if produced >= limit && produce_done_s.is_none() {
+                produce_done_s = Some(elapsed);
+            }
+            if produce_done_s.is_some() && (!has_consumers || coord.backlog() <= 0) {
                 break;
             }
         }
@@ -482,8 +491,16 @@ fn measure(
             coord.backlog(),
         ));
     }
-    let aggregate_report =
+    let mut aggregate_report =
         IntervalReport::from_metrics(&aggregate, 0.0, measured_s, coord.backlog());
+    if let Some(produce_s) = produce_done_s.filter(|s| *s > 0.0) {
+        // The publish rate is the rate at which the N records went in, not N over the time the
+        // consumers then needed to drain.
+        aggregate_report.publish_rate_records_per_s =
+            aggregate.published_records as f64 / produce_s;
+        aggregate_report.publish_rate_mb_per_s = aggregate.published_bytes as f64 / produce_s / 1e6;
+    }
+    let write_volume = dirty_limits.map(|limits| limits.assess(coord.totals.published_bytes));
 
     // 5. Stop producing and let consumers catch up, so the totals can be checked.
     coord.command(WorkerCommand::Rate(0.0));
@@ -533,6 +550,19 @@ fn measure(
              the measured phase ({:.0} records/s achieved); quote the achieved rate",
             aggregate_report.publish_rate_records_per_s
         ));
+    }
+    if let (Some(limit), None) = (opts.record_limit, produce_done_s) {
+        notes.push(format!(
+            "--records {limit}: only {} were acknowledged before the {:.0} s cap (--duration-s); \
+             the rate is over the cap",
+            aggregate.published_records, w.duration_s
+        ));
+    }
+    if let Some(note) = write_volume
+        .filter(|v| v.written_bytes > 0)
+        .and_then(|v| v.note())
+    {
+        notes.push(note);
     }
     if opts.placement.producer_cpus.is_empty() && opts.placement.consumer_cpus.is_empty() {
         notes.push("load threads were not pinned (--cpus not given)".to_string());
@@ -594,6 +624,8 @@ fn measure(
         histograms: HistogramSet::from_metrics(&aggregate),
         hgrm_files: Default::default(),
         notes,
+        produce_s: produce_done_s,
+        write_volume,
     };
     Ok((report, aggregate))
 }
