@@ -384,6 +384,11 @@ fn measure(
     }
     // Read before anything is written, so the run's own writes do not shrink MemAvailable.
     let dirty_limits = DirtyLimits::read();
+    if let Some(limit) = opts.record_limit {
+        // The budget covers the whole run (exactly N records); every host gets it, only hosts
+        // with producers spend it.
+        coord.command(WorkerCommand::Budget(limit));
+    }
 
     // 2. The rate: given, or found by search.
     let (target, search) = match w.target_records_per_second() {
@@ -403,13 +408,8 @@ fn measure(
         coord.run_for(Duration::from_secs_f64(w.warmup_s), "warm-up")?;
     }
 
-    // 4. Measurement. `--records N` budgets exactly the measured phase: the search and warm-up
-    // produce on an unlimited budget, and the measured phase ends once N records are acknowledged
-    // (and consumers, if any, caught up), with `duration_s` as the cap.
-    if let Some(limit) = opts.record_limit {
-        // Every host gets the budget; only hosts with producers spend it.
-        coord.command(WorkerCommand::Budget(limit));
-    }
+    // 4. Measurement. With `--records N` it ends once the run's N records are acknowledged (and
+    // consumers, if any, caught up), with `duration_s` as the cap.
     let mut produce_done_s: Option<f64> = None;
     let measure_start = Instant::now();
     let duration = Duration::from_secs_f64(w.duration_s);
@@ -471,7 +471,7 @@ fn measure(
             }
         }
         if let Some(limit) = opts.record_limit {
-            let produced = aggregate.published_records + aggregate.publish_errors;
+            let produced = coord.totals.published_records + coord.totals.publish_errors;
             if produced >= limit && produce_done_s.is_none() {
                 produce_done_s = Some(elapsed);
             }

@@ -555,6 +555,7 @@ fn records_limit_ends_the_measured_phase_and_rates_cover_the_produce_span() {
     let out = tempfile::tempdir().unwrap();
     let workload = Workload {
         rate: Rate::RecordsPerSecond(20_000.0),
+        warmup_s: 0.0,
         duration_s: 60.0,
         ..small_workload("records-limit")
     };
@@ -590,7 +591,8 @@ fn records_limit_ends_the_measured_phase_and_rates_cover_the_produce_span() {
     );
     let rate = r.aggregate.publish_rate_records_per_s;
     assert!(
-        (rate - measured as f64 / produce_s).abs() < 1.0 && rate > 10_000.0,
+        // Averaged over the 60 s cap it would be about 170 records/s.
+        (rate - measured as f64 / produce_s).abs() < 1.0 && rate > 2_000.0,
         "publish rate {rate} over {produce_s} s"
     );
     let volume = r.write_volume.expect("dirty thresholds read from /proc");
