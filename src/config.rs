@@ -146,7 +146,8 @@ pub struct Config {
     pub mailbox_capacity: usize,
     pub connection_max_inflight_bytes: u64,
     pub shutdown_timeout_ms: u64,
-    /// `ringbroker.log.write.mode`; `Node::start` replaces `Auto` by what the probe found.
+    /// `ringbroker.log.write.mode` (default buffered); `Node::start` replaces `Auto` by what the
+    /// probe found.
     pub log_write_mode: WriteMode,
 }
 
@@ -469,8 +470,12 @@ impl Config {
             mailbox_capacity: reader.int(KEY_MAILBOX, 1024, 1, 1 << 20)? as usize,
             connection_max_inflight_bytes: reader.int(KEY_INFLIGHT, 64 << 20, 1, i64::MAX)? as u64,
             shutdown_timeout_ms: reader.int(KEY_SHUTDOWN_TIMEOUT, 10_000, 0, i64::MAX)? as u64,
+            // Buffered by default until uncached appends are measured faster: on 2026-12-03 each
+            // uncached 16 KiB append waited for the writeback of the page it shares with the
+            // previous append (238 µs vs 29 µs, benches/storage.rs), and sustained produce was
+            // 0.56x buffered (docs/benchmarks.md).
             log_write_mode: match reader.raw(KEY_LOG_WRITE_MODE) {
-                None => WriteMode::Auto,
+                None => WriteMode::Buffered,
                 Some(value) => WriteMode::parse(value).ok_or_else(|| {
                     ConfigError::invalid(
                         KEY_LOG_WRITE_MODE,
@@ -937,7 +942,7 @@ mod tests {
         assert_eq!(config.pipe_size_bytes, 1 << 20);
         assert!(!config.high_watermark_durable);
         assert_eq!(config.shard_count, 2);
-        assert_eq!(config.log_write_mode, WriteMode::Auto);
+        assert_eq!(config.log_write_mode, WriteMode::Buffered);
     }
 
     #[test]

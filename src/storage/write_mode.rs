@@ -38,12 +38,13 @@ pub const RWF_DONTCACHE: u32 = libc::RWF_DONTCACHE as u32;
 /// `ringbroker.log.write.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WriteMode {
-    /// Plain buffered writes; pages stay cached until memory pressure evicts them.
+    /// Plain buffered writes; pages stay cached until memory pressure evicts them. The default
+    /// (docs/storage.md says why).
+    #[default]
     Buffered,
     /// Buffered writes with `RWF_DONTCACHE`; the broker refuses to start where the flag is refused.
     Uncached,
     /// Uncached where the probe shows the flag works, buffered otherwise (one INFO line).
-    #[default]
     Auto,
 }
 
