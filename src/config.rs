@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
+use crate::storage::WriteMode;
+pub use crate::storage::write_mode::KEY_LOG_WRITE_MODE;
+
 /// The properties every key is read from after merging; ordered so warnings come out sorted.
 type Properties = BTreeMap<String, String>;
 
@@ -151,6 +154,9 @@ pub struct Config {
     /// `ringbroker.log.scrub.bytes.per.second`: how fast each shard re-reads closed segments to verify
     /// them (0 disables the scrubber).
     pub log_scrub_bytes_per_second: u64,
+    /// `ringbroker.log.write.mode` (default buffered); `Node::start` replaces `Auto` by what the
+    /// probe found.
+    pub log_write_mode: WriteMode,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -213,6 +219,7 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_SHUTDOWN_TIMEOUT,
     KEY_INFLIGHT_REQUESTS,
     KEY_SCRUB_RATE,
+    KEY_LOG_WRITE_MODE,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -490,6 +497,20 @@ impl Config {
             // 8 MiB/s per shard: a 1 GiB segment is verified in about two minutes, at a read rate far
             // below what the append path needs (see docs/storage.md, "Scrubbing").
             log_scrub_bytes_per_second: reader.int(KEY_SCRUB_RATE, 8 << 20, 0, i64::MAX)? as u64,
+            // Buffered by default until uncached appends are measured faster: on 2026-12-03 each
+            // uncached 16 KiB append waited for the writeback of the page it shares with the
+            // previous append (238 µs vs 29 µs, benches/storage.rs), and sustained produce was
+            // 0.56x buffered (docs/benchmarks.md).
+            log_write_mode: match reader.raw(KEY_LOG_WRITE_MODE) {
+                None => WriteMode::Buffered,
+                Some(value) => WriteMode::parse(value).ok_or_else(|| {
+                    ConfigError::invalid(
+                        KEY_LOG_WRITE_MODE,
+                        value,
+                        "expected buffered, uncached or auto",
+                    )
+                })?,
+            },
         };
         Ok(Loaded { config, warnings })
     }
@@ -585,6 +606,7 @@ impl Config {
             format!("{KEY_MAX_CONNECTIONS} = {}", self.max_connections_per_shard),
             format!("{KEY_MAILBOX} = {}", self.mailbox_capacity),
             format!("{KEY_INFLIGHT} = {}", self.connection_max_inflight_bytes),
+            format!("{KEY_LOG_WRITE_MODE} = {}", self.log_write_mode.name()),
             format!("{KEY_SHUTDOWN_TIMEOUT} = {}", self.shutdown_timeout_ms),
             format!(
                 "{KEY_INFLIGHT_REQUESTS} = {}",
@@ -1062,6 +1084,7 @@ mod tests {
         assert_eq!(config.pipe_size_bytes, 1 << 20);
         assert!(!config.high_watermark_durable);
         assert_eq!(config.shard_count, 2);
+        assert_eq!(config.log_write_mode, WriteMode::Buffered);
     }
 
     #[test]
@@ -1107,6 +1130,11 @@ mod tests {
                 "producer.id.expiration.check.interval.ms=3000000000",
                 "producer.id.expiration.check.interval.ms",
                 "3000000000",
+            ),
+            (
+                "ringbroker.log.write.mode=direct",
+                "ringbroker.log.write.mode",
+                "direct",
             ),
         ] {
             let err = load(text).unwrap_err();

@@ -188,6 +188,7 @@ pub fn broker_log_config(config: &Config) -> LogConfig {
         durable_high_watermark: config.high_watermark_durable,
         producer_id_expiration_ms: config.producer_id_expiration_ms,
         compaction: super::compaction::broker_compaction(config),
+        uncached_appends: config.log_write_mode == crate::storage::WriteMode::Uncached,
         ..LogConfig::default()
     }
 }

@@ -35,6 +35,9 @@ pub struct LogConfig {
     pub producer_id_expiration_ms: u64,
     /// `cleanup.policy` and the compaction settings (see `cleaner.rs`).
     pub compaction: super::cleaner::CompactionConfig,
+    /// `ringbroker.log.write.mode` as resolved at startup: true when appends carry `RWF_DONTCACHE`
+    /// (see `write_mode`). False by default; the broker sets it only after the probe said yes.
+    pub uncached_appends: bool,
 }
 
 /// Seven days in milliseconds, Kafka's default for both `log.roll.hours` and `log.retention.hours`.
@@ -56,6 +59,7 @@ impl Default for LogConfig {
             recovery_checkpoint_interval_ms: 60_000,
             producer_id_expiration_ms: 24 * 60 * 60 * 1000,
             compaction: super::cleaner::CompactionConfig::default(),
+            uncached_appends: false,
         }
     }
 }

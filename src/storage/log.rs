@@ -324,7 +324,8 @@ impl PartitionLog {
 
     /// Opens (creating or recovering) the log in `dir` on the real disk.
     pub async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, StorageError> {
-        Self::open_with_disk(dir, config, Disk::real()).await
+        let disk = Disk::real().with_uncached_appends(config.uncached_appends);
+        Self::open_with_disk(dir, config, disk).await
     }
 
     /// The partition directory.

@@ -24,6 +24,7 @@ pub mod scrub;
 pub mod segment;
 pub mod testing;
 mod waiters;
+pub mod write_mode;
 
 pub use config::LogConfig;
 pub use dirs::{
@@ -35,3 +36,4 @@ pub use error::{AppendError, ReadError, StorageError};
 pub use log::{AppendInfo, LEADER_EPOCH, PartitionLog, ReadSlice, RetentionOutcome};
 pub use log_start::DeleteRecordsError;
 pub use segment::SegmentFile;
+pub use write_mode::{WriteMode, WriteModeError};
