@@ -1,7 +1,12 @@
 //! benches/storage: criterion benches of the partition log beside the raw file-system figures of the
 //! same disk: sequential buffered writes and fdatasync latency (the ceiling), append throughput (1 KiB
-//! records in 16 KiB batches), append + group commit, offset lookup in a 1 GiB log, and recovery of a
-//! 1 GiB log with the clean marker and with a 64 MiB unflushed tail.
+//! records in 16 KiB batches), append + group commit, appends with buffered vs uncached
+//! (`RWF_DONTCACHE`) writes, group commit with 1, 8 and 64 appends per fdatasync, offset lookup in a
+//! 1 GiB log, and recovery of a 1 GiB log with the clean marker and with a 64 MiB unflushed tail.
+//!
+//! The write-mode pair measures the cost per append while the page cache absorbs it (a bench of a
+//! few seconds never reaches the dirty threshold); what uncached writes change under sustained load
+//! is measured by ringbench over 8 GB (docs/benchmarks.md).
 //!
 //! Sizes are full only under `cargo bench` (`--bench` in the arguments); under `cargo test
 //! --all-targets` criterion runs each bench once and the logs here are a few MiB. Override with
@@ -208,6 +213,75 @@ fn append(c: &mut Criterion, runtime: &Runtime, sizes: &Sizes) {
     group.finish();
 }
 
+/// Appends of 16 KiB batches with buffered and with uncached (`RWF_DONTCACHE`) writes, on the same
+/// disk: the per-append cost of the flag.
+fn append_write_modes(c: &mut Criterion, runtime: &Runtime, sizes: &Sizes) {
+    let dir = bench_dir();
+    let log_dir = dir.path().join("modes-0");
+    let batch = client_batch(11);
+    let mut group = c.benchmark_group("append_write_mode");
+    group.throughput(Throughput::Bytes(batch.len() as u64));
+    for (name, uncached_appends) in [("buffered", false), ("uncached", true)] {
+        let config = LogConfig {
+            uncached_appends,
+            ..bench_config()
+        };
+        group.bench_function(format!("16KiB_batches_{name}"), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let mut log = PartitionLog::open(&log_dir, config.clone()).await.unwrap();
+                    let mut elapsed = Duration::ZERO;
+                    let mut started = Instant::now();
+                    for _ in 0..iters {
+                        if log.size_bytes() >= sizes.append_cap_bytes {
+                            elapsed += started.elapsed();
+                            log.delete().await.unwrap();
+                            log = PartitionLog::open(&log_dir, config.clone()).await.unwrap();
+                            started = Instant::now();
+                        }
+                        black_box(log.append(batch.clone(), 0).await.unwrap());
+                    }
+                    elapsed += started.elapsed();
+                    log.delete().await.unwrap();
+                    elapsed
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Group commit: `per_sync` appends, then one wait for durability (one fdatasync covers them all).
+/// Throughput is per byte appended, so the three figures show what batching syncs buys.
+fn group_commit(c: &mut Criterion, runtime: &Runtime) {
+    let dir = bench_dir();
+    let log_dir = dir.path().join("group-0");
+    let batch = client_batch(13);
+    let mut group = c.benchmark_group("group_commit");
+    for per_sync in [1u64, 8, 64] {
+        group.throughput(Throughput::Bytes(batch.len() as u64 * per_sync));
+        group.bench_function(format!("{per_sync}_appends_per_fdatasync"), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let log = PartitionLog::open(&log_dir, bench_config()).await.unwrap();
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        let mut last = 0;
+                        for _ in 0..per_sync {
+                            last = log.append(batch.clone(), 0).await.unwrap().last_offset;
+                        }
+                        log.wait_durable(last).await.unwrap();
+                    }
+                    let elapsed = started.elapsed();
+                    log.delete().await.unwrap();
+                    elapsed
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Builds a closed log of `bytes` in `dir`.
 fn build_log(runtime: &Runtime, dir: &Path, bytes: u64) {
     runtime.block_on(async {
@@ -304,6 +378,8 @@ fn storage_benches(c: &mut Criterion) {
     let sizes = sizes();
     raw_file_system(c, &runtime, &sizes);
     append(c, &runtime, &sizes);
+    append_write_modes(c, &runtime, &sizes);
+    group_commit(c, &runtime);
     lookup_and_recovery(c, &runtime, &sizes);
 }
 

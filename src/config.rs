@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
+use crate::storage::WriteMode;
+pub use crate::storage::write_mode::KEY_LOG_WRITE_MODE;
+
 /// The properties every key is read from after merging; ordered so warnings come out sorted.
 type Properties = BTreeMap<String, String>;
 
@@ -149,6 +152,17 @@ pub struct Config {
     pub max_partitions_per_shard: usize,
     /// How long startup retries binding a listening port that is in use.
     pub listener_bind_retry_ms: u64,
+    /// Requests of one connection admitted to the handler but not yet answered
+    /// (`ringbroker.connection.max.inflight.requests`).
+    pub connection_max_inflight_requests: usize,
+    /// `log.cleanup.policy` and the `log.cleaner.*` settings (log compaction).
+    pub log_cleaner: LogCleanerConfig,
+    /// `ringbroker.log.scrub.bytes.per.second`: how fast each shard re-reads closed segments to verify
+    /// them (0 disables the scrubber).
+    pub log_scrub_bytes_per_second: u64,
+    /// `ringbroker.log.write.mode` (default buffered); `Node::start` replaces `Auto` by what the
+    /// probe found.
+    pub log_write_mode: WriteMode,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -191,6 +205,15 @@ const KNOWN_KEYS: &[&str] = &[
     "offsets.retention.minutes",
     "producer.id.expiration.ms",
     "producer.id.expiration.check.interval.ms",
+    "log.cleanup.policy",
+    "log.cleaner.enable",
+    "log.cleaner.backoff.ms",
+    "log.cleaner.dedupe.buffer.size",
+    "log.cleaner.io.max.bytes.per.second",
+    "log.cleaner.min.cleanable.ratio",
+    "log.cleaner.min.compaction.lag.ms",
+    "log.cleaner.max.compaction.lag.ms",
+    "log.cleaner.delete.retention.ms",
     KEY_SHARDS,
     KEY_HW_DURABLE,
     KEY_SPLICE_MIN,
@@ -203,6 +226,9 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_DESCRIPTOR_CACHE,
     KEY_MAX_PARTITIONS_PER_SHARD,
     KEY_BIND_RETRY,
+    KEY_INFLIGHT_REQUESTS,
+    KEY_SCRUB_RATE,
+    KEY_LOG_WRITE_MODE,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -219,6 +245,8 @@ pub const KEY_MAX_PARTITIONS_PER_SHARD: &str = "ringbroker.max.partitions.per.sh
 pub const KEY_BIND_RETRY: &str = "ringbroker.listener.bind.retry.ms";
 /// Default partition budget per shard; docs/benchmarks.md ("Partition scale") has the measurement.
 pub const DEFAULT_MAX_PARTITIONS_PER_SHARD: usize = 10_000;
+pub const KEY_INFLIGHT_REQUESTS: &str = "ringbroker.connection.max.inflight.requests";
+pub const KEY_SCRUB_RATE: &str = "ringbroker.log.scrub.bytes.per.second";
 
 /// The embedded defaults: `ringbroker` with no arguments serves 127.0.0.1:9092 from
 /// `./ringbroker-data`. Loopback rather than Kafka's all-interfaces default, so that a broker
@@ -485,6 +513,26 @@ impl Config {
                 1 << 24,
             )? as usize,
             listener_bind_retry_ms: reader.int(KEY_BIND_RETRY, 10_000, 0, 3_600_000)? as u64,
+            connection_max_inflight_requests: reader.int(KEY_INFLIGHT_REQUESTS, 32, 1, 1 << 16)?
+                as usize,
+            log_cleaner: read_log_cleaner(&reader)?,
+            // 8 MiB/s per shard: a 1 GiB segment is verified in about two minutes, at a read rate far
+            // below what the append path needs (see docs/storage.md, "Scrubbing").
+            log_scrub_bytes_per_second: reader.int(KEY_SCRUB_RATE, 8 << 20, 0, i64::MAX)? as u64,
+            // Buffered by default until uncached appends are measured faster: on 2026-12-03 each
+            // uncached 16 KiB append waited for the writeback of the page it shares with the
+            // previous append (238 µs vs 29 µs, benches/storage.rs), and sustained produce was
+            // 0.56x buffered (docs/benchmarks.md).
+            log_write_mode: match reader.raw(KEY_LOG_WRITE_MODE) {
+                None => WriteMode::Buffered,
+                Some(value) => WriteMode::parse(value).ok_or_else(|| {
+                    ConfigError::invalid(
+                        KEY_LOG_WRITE_MODE,
+                        value,
+                        "expected buffered, uncached or auto",
+                    )
+                })?,
+            },
         };
         Ok(Loaded { config, warnings })
     }
@@ -580,6 +628,7 @@ impl Config {
             format!("{KEY_MAX_CONNECTIONS} = {}", self.max_connections_per_shard),
             format!("{KEY_MAILBOX} = {}", self.mailbox_capacity),
             format!("{KEY_INFLIGHT} = {}", self.connection_max_inflight_bytes),
+            format!("{KEY_LOG_WRITE_MODE} = {}", self.log_write_mode.name()),
             format!("{KEY_SHUTDOWN_TIMEOUT} = {}", self.shutdown_timeout_ms),
             format!("{KEY_DESCRIPTOR_CACHE} = {}", self.descriptor_cache_size),
             format!(
@@ -587,6 +636,12 @@ impl Config {
                 self.max_partitions_per_shard
             ),
             format!("{KEY_BIND_RETRY} = {}", self.listener_bind_retry_ms),
+            format!(
+                "{KEY_INFLIGHT_REQUESTS} = {}",
+                self.connection_max_inflight_requests
+            ),
+            format!("log.cleaner = {:?}", self.log_cleaner),
+            format!("{KEY_SCRUB_RATE} = {}", self.log_scrub_bytes_per_second),
         ]
     }
 }
@@ -649,6 +704,115 @@ impl Reader<'_> {
             )),
         }
     }
+}
+
+/// The log cleaner's broker settings: Kafka's `log.cleanup.policy` (the default of every topic's
+/// `cleanup.policy`) and `log.cleaner.*`. Each shard runs one cleaner over its own partitions, so
+/// the buffer and IO budgets are divided among the shards (Kafka divides them among cleaner threads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogCleanerConfig {
+    /// `log.cleaner.enable` (true).
+    pub enable: bool,
+    /// `log.cleanup.policy` names `compact` (default: only `delete`).
+    pub cleanup_compact: bool,
+    /// `log.cleanup.policy` names `delete`.
+    pub cleanup_delete: bool,
+    /// `log.cleaner.backoff.ms`: the pause between two rounds over a shard's partitions (15 s).
+    pub backoff_ms: u64,
+    /// `log.cleaner.dedupe.buffer.size`: offset-map memory for the whole broker (128 MiB).
+    pub dedupe_buffer_size_bytes: u64,
+    /// `log.cleaner.io.max.bytes.per.second` for the whole broker; `None` = unlimited (Kafka's default).
+    pub io_max_bytes_per_second: Option<u64>,
+    /// `log.cleaner.min.cleanable.ratio` (0.5).
+    pub min_cleanable_ratio: f64,
+    /// `log.cleaner.min.compaction.lag.ms` (0).
+    pub min_compaction_lag_ms: u64,
+    /// `log.cleaner.max.compaction.lag.ms`; `None` = Kafka's Long.MAX_VALUE (the default).
+    pub max_compaction_lag_ms: Option<u64>,
+    /// `log.cleaner.delete.retention.ms` (1 day).
+    pub delete_retention_ms: u64,
+}
+
+/// Parses a `cleanup.policy` list (`delete`, `compact` or both, comma-separated) into
+/// (compact, delete).
+pub fn parse_cleanup_policy(value: &str) -> Option<(bool, bool)> {
+    let mut compact = false;
+    let mut delete = false;
+    for part in value.split(',').map(str::trim) {
+        match part {
+            "compact" => compact = true,
+            "delete" => delete = true,
+            _ => return None,
+        }
+    }
+    (compact || delete).then_some((compact, delete))
+}
+
+fn read_log_cleaner(reader: &Reader<'_>) -> Result<LogCleanerConfig, ConfigError> {
+    let (cleanup_compact, cleanup_delete) = match reader.raw("log.cleanup.policy") {
+        None => (false, true),
+        Some(value) => parse_cleanup_policy(value).ok_or_else(|| {
+            ConfigError::invalid(
+                "log.cleanup.policy",
+                value,
+                "must be delete, compact or compact,delete",
+            )
+        })?,
+    };
+    let float = |key: &str, default: f64, min: f64, max: f64| -> Result<f64, ConfigError> {
+        let Some(value) = reader.raw(key) else {
+            return Ok(default);
+        };
+        let parsed: f64 = value
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::invalid(key, value, "not a number"))?;
+        if !(min..=max).contains(&parsed) {
+            return Err(ConfigError::invalid(
+                key,
+                value,
+                format!("must be between {min} and {max}"),
+            ));
+        }
+        Ok(parsed)
+    };
+    let io_rate = float(
+        "log.cleaner.io.max.bytes.per.second",
+        f64::MAX,
+        1.0,
+        f64::MAX,
+    )?;
+    let max_lag = reader.int("log.cleaner.max.compaction.lag.ms", i64::MAX, 1, i64::MAX)?;
+    let min_lag = reader.int("log.cleaner.min.compaction.lag.ms", 0, 0, i64::MAX)?;
+    if min_lag > max_lag {
+        return Err(ConfigError::invalid(
+            "log.cleaner.min.compaction.lag.ms",
+            &min_lag.to_string(),
+            "must not exceed log.cleaner.max.compaction.lag.ms",
+        ));
+    }
+    Ok(LogCleanerConfig {
+        enable: reader.bool("log.cleaner.enable", true)?,
+        cleanup_compact,
+        cleanup_delete,
+        backoff_ms: reader.int("log.cleaner.backoff.ms", 15_000, 0, i64::MAX)? as u64,
+        dedupe_buffer_size_bytes: reader.int(
+            "log.cleaner.dedupe.buffer.size",
+            128 << 20,
+            1024,
+            i64::MAX,
+        )? as u64,
+        io_max_bytes_per_second: (io_rate < u64::MAX as f64).then_some(io_rate as u64),
+        min_cleanable_ratio: float("log.cleaner.min.cleanable.ratio", 0.5, 0.0, 1.0)?,
+        min_compaction_lag_ms: min_lag as u64,
+        max_compaction_lag_ms: (max_lag < i64::MAX).then_some(max_lag as u64),
+        delete_retention_ms: reader.int(
+            "log.cleaner.delete.retention.ms",
+            86_400_000,
+            0,
+            i64::MAX,
+        )? as u64,
+    })
 }
 
 /// Picks the one PLAINTEXT listener out of Kafka's comma-separated `NAME://host:port` list.
@@ -948,6 +1112,7 @@ mod tests {
         assert_eq!(config.pipe_size_bytes, 1 << 20);
         assert!(!config.high_watermark_durable);
         assert_eq!(config.shard_count, 2);
+        assert_eq!(config.log_write_mode, WriteMode::Buffered);
     }
 
     #[test]
@@ -993,6 +1158,11 @@ mod tests {
                 "producer.id.expiration.check.interval.ms=3000000000",
                 "producer.id.expiration.check.interval.ms",
                 "3000000000",
+            ),
+            (
+                "ringbroker.log.write.mode=direct",
+                "ringbroker.log.write.mode",
+                "direct",
             ),
         ] {
             let err = load(text).unwrap_err();
@@ -1078,11 +1248,20 @@ mod tests {
     }
 
     #[test]
+    fn scrub_rate_defaults_to_8_mib_and_zero_disables() {
+        assert_eq!(load("").unwrap().config.log_scrub_bytes_per_second, 8 << 20);
+        let set = load("ringbroker.log.scrub.bytes.per.second=0").unwrap();
+        assert_eq!(set.config.log_scrub_bytes_per_second, 0);
+        let error = load("ringbroker.log.scrub.bytes.per.second=-1").unwrap_err();
+        assert!(error.to_string().contains(KEY_SCRUB_RATE), "{error}");
+    }
+
+    #[test]
     fn summary_has_one_line_per_setting() {
         let config = load("").unwrap().config;
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 37);
+        assert_eq!(lines.len(), 38);
     }
 }

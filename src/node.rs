@@ -23,6 +23,7 @@ use anyhow::{Context, bail};
 use crate::config::Config;
 use crate::server::{self, Handler, HandlerFactory};
 use crate::shard::{self, ShardContext, ShardThread, StopSignal, StopTrigger, stop_pair};
+use crate::storage::{Disk, WriteMode, write_mode};
 
 /// What a shard reports to the node thread.
 #[derive(Debug)]
@@ -68,13 +69,14 @@ pub struct Node {
 
 impl Node {
     /// Starts every shard and returns once each has built its handler and is accepting.
-    pub fn start<F: HandlerFactory>(config: Config, factory: F) -> anyhow::Result<Node> {
+    pub fn start<F: HandlerFactory>(mut config: Config, factory: F) -> anyhow::Result<Node> {
         shard::probe::probe_io_uring().context("io_uring is not usable")?;
         raise_nofile_limit();
         for line in config.summary_lines() {
             tracing::info!("config: {line}");
         }
         let log_dir_lock = LogDirLock::acquire(&config.log_dir)?;
+        config.log_write_mode = resolve_write_mode(&config)?;
         let listeners = bind_listeners(&config)?;
         let listen_addrs: Vec<SocketAddr> = listeners
             .iter()
@@ -466,6 +468,20 @@ impl LogDirLock {
         }
         Ok(LogDirLock { _file: file })
     }
+}
+
+/// Probes the log dir's file system for `RWF_DONTCACHE` (on a short-lived io_uring runtime of its
+/// own, before any shard exists) and returns the mode appends will use: never `Auto`.
+fn resolve_write_mode(config: &Config) -> anyhow::Result<WriteMode> {
+    let runtime = compio::runtime::Runtime::new()
+        .context("cannot create the io_uring runtime for the write-mode probe")?;
+    let mode = runtime.block_on(write_mode::resolve(
+        &Disk::real(),
+        &config.log_dir,
+        config.log_write_mode,
+    ))?;
+    tracing::info!("appends use {} writes", mode.name());
+    Ok(mode)
 }
 
 fn termination_signal_set() -> libc::sigset_t {

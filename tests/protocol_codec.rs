@@ -5,6 +5,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_request::ApiVersionsRequest;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
+use kafka_protocol::messages::delete_records_request::{
+    DeleteRecordsPartition, DeleteRecordsTopic,
+};
 use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
@@ -168,6 +171,22 @@ fn sample_request(api_key: ApiKey, version: i16) -> RequestKind {
                 request.with_topic_names(vec![topic("orders"), topic("audit")])
             })
         }
+        ApiKey::DeleteRecords => RequestKind::DeleteRecords(
+            DeleteRecordsRequest::default()
+                .with_timeout_ms(5000)
+                .with_topics(vec![
+                    DeleteRecordsTopic::default()
+                        .with_name(topic("orders"))
+                        .with_partitions(vec![
+                            DeleteRecordsPartition::default()
+                                .with_partition_index(0)
+                                .with_offset(10),
+                            DeleteRecordsPartition::default()
+                                .with_partition_index(1)
+                                .with_offset(-1),
+                        ]),
+                ]),
+        ),
         ApiKey::DescribeConfigs => {
             RequestKind::DescribeConfigs(DescribeConfigsRequest::default().with_resources(vec![
                 DescribeConfigsResource::default()
@@ -663,6 +682,16 @@ fn error_codes(response: &ResponseKind, version: i16) -> Vec<i16> {
         ResponseKind::CreateTopics(r) => r.topics.iter().map(|t| t.error_code).collect(),
         ResponseKind::DeleteTopics(r) => r.responses.iter().map(|t| t.error_code).collect(),
         ResponseKind::DescribeConfigs(r) => r.results.iter().map(|t| t.error_code).collect(),
+        ResponseKind::DeleteRecords(r) => r
+            .topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions.iter().map(|p| {
+                    assert_eq!(p.low_watermark, -1);
+                    p.error_code
+                })
+            })
+            .collect(),
         ResponseKind::ApiVersions(r) => vec![r.error_code],
         ResponseKind::FindCoordinator(r) if version >= 4 => {
             r.coordinators.iter().map(|c| c.error_code).collect()
@@ -722,6 +751,7 @@ fn expected_entries(api_key: ApiKey, version: i16) -> usize {
         ApiKey::Fetch => 3,
         ApiKey::ListOffsets | ApiKey::Metadata => 2,
         ApiKey::CreateTopics | ApiKey::DeleteTopics | ApiKey::DescribeConfigs => 2,
+        ApiKey::DeleteRecords => 2,
         ApiKey::ApiVersions => 1,
         // From v4 one coordinator per requested key, before a single top-level answer.
         ApiKey::FindCoordinator if version >= 4 => 2,

@@ -1,6 +1,8 @@
 //! Integration tests of the shard runtime, the server and the node over real loopback TCP, with a
 //! test handler that speaks a tiny command protocol (first byte of each frame):
-//! `E` echo, `S` sleep then echo, `F` send a file range, `P` report splice/copy counters,
+//! `E` echo, `S` sleep then echo, `L` admit at once then sleep and echo beside later requests,
+//! `W` sleep during admission then record the payload in the admission log and echo later,
+//! `G` return the admission log, `F` send a file range, `P` report splice/copy counters,
 //! `R` run a closure on another shard, `C` close, `Q` reply then close, `N` no reply.
 
 use std::io::{ErrorKind, Read, Write};
@@ -16,7 +18,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ringbroker::config::{Config, Endpoint};
 use ringbroker::node::Node;
 use ringbroker::server::{
-    ConnectionInfo, FileSlice, Handler, HandlerFactory, OutPart, Reply, shard_send_stats,
+    Admission, ConnectionInfo, FileSlice, Handler, HandlerFactory, OutPart, Reply, shard_send_stats,
 };
 use ringbroker::shard::{ShardContext, ShardError};
 
@@ -33,6 +35,8 @@ struct TestHandler {
     ctx: ShardContext,
     file: Rc<std::fs::File>,
     shutdowns: Arc<AtomicUsize>,
+    /// Payloads of `W` requests in the order their admissions finished.
+    admitted: std::cell::RefCell<Vec<u8>>,
 }
 
 thread_local! {
@@ -52,6 +56,7 @@ impl HandlerFactory for TestFactory {
             ctx,
             file: Rc::new(std::fs::File::open(&self.file)?),
             shutdowns: self.shutdowns.clone(),
+            admitted: std::cell::RefCell::new(Vec::new()),
         })
     }
 }
@@ -64,7 +69,38 @@ fn framed(body: &[u8]) -> Bytes {
 }
 
 impl Handler for TestHandler {
-    async fn handle(&self, _conn: &ConnectionInfo, request: Bytes) -> Reply {
+    async fn admit(&self, _conn: &ConnectionInfo, request: Bytes) -> Admission {
+        match request.first() {
+            Some(b'L') => {
+                let millis = u32::from_be_bytes(request[1..5].try_into().unwrap());
+                Admission::Later(Box::pin(async move {
+                    compio::time::sleep(Duration::from_millis(u64::from(millis))).await;
+                    Reply::Send(vec![OutPart::Bytes(framed(&request[5..]))])
+                }))
+            }
+            Some(b'W') => {
+                let millis = u32::from_be_bytes(request[1..5].try_into().unwrap());
+                compio::time::sleep(Duration::from_millis(u64::from(millis))).await;
+                self.admitted.borrow_mut().extend_from_slice(&request[5..]);
+                Admission::Later(Box::pin(async move {
+                    compio::time::sleep(Duration::from_millis(u64::from(50 - millis))).await;
+                    Reply::Send(vec![OutPart::Bytes(framed(&request[5..]))])
+                }))
+            }
+            Some(b'G') => Admission::Done(Reply::Send(vec![OutPart::Bytes(framed(
+                &self.admitted.borrow(),
+            ))])),
+            _ => Admission::Done(self.handle(request).await),
+        }
+    }
+
+    async fn shutdown(&self) {
+        self.shutdowns.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl TestHandler {
+    async fn handle(&self, request: Bytes) -> Reply {
         let Some((&command, rest)) = request.split_first() else {
             return Reply::Close;
         };
@@ -126,10 +162,6 @@ impl Handler for TestHandler {
             b'N' => Reply::None,
             _ => Reply::Close,
         }
-    }
-
-    async fn shutdown(&self) {
-        self.shutdowns.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -249,6 +281,14 @@ fn slow(millis: u32, payload: &[u8]) -> Vec<u8> {
     body
 }
 
+/// A request admitted at once whose reply comes `millis` later, beside later requests.
+fn later(command: u8, millis: u32, payload: &[u8]) -> Vec<u8> {
+    let mut body = vec![command];
+    body.extend_from_slice(&millis.to_be_bytes());
+    body.extend_from_slice(payload);
+    body
+}
+
 fn file_request(offset: u64, len: u32) -> Vec<u8> {
     let mut body = vec![b'F'];
     body.extend_from_slice(&offset.to_be_bytes());
@@ -312,6 +352,72 @@ fn pipelined_replies_keep_request_order() {
     for i in 0..50u32 {
         assert_eq!(receive(&mut stream), format!("fast{i}").as_bytes());
     }
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn admitted_requests_run_beside_each_other_and_answer_in_order() {
+    let node = start(0, |_| {});
+    let mut stream = node.connect(0);
+    // Eight requests that each take 300 ms after admission, the longest first, then an echo:
+    // run one at a time they would take 2.4 s; pipelined, about 300 ms.
+    let started = std::time::Instant::now();
+    let mut batch = Vec::new();
+    for i in 0..8u32 {
+        batch.extend_from_slice(&framed(&later(
+            b'L',
+            300 - i * 10,
+            format!("p{i}").as_bytes(),
+        )));
+    }
+    batch.extend_from_slice(&framed(b"Eafter"));
+    stream.write_all(&batch).unwrap();
+    for i in 0..8u32 {
+        assert_eq!(receive(&mut stream), format!("p{i}").as_bytes());
+    }
+    assert_eq!(receive(&mut stream), b"after");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(1_500),
+        "pipelined requests took {elapsed:?}, as if served one at a time"
+    );
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn admissions_happen_in_request_order() {
+    let node = start(0, |_| {});
+    let mut stream = node.connect(0);
+    // Admission times that decrease along the requests: admissions run concurrently would record
+    // the later (faster) ones first.
+    let mut batch = Vec::new();
+    for i in 0..10u8 {
+        batch.extend_from_slice(&framed(&later(b'W', u32::from(40 - i * 4), &[b'a' + i])));
+    }
+    batch.extend_from_slice(&framed(b"G"));
+    stream.write_all(&batch).unwrap();
+    for i in 0..10u8 {
+        assert_eq!(receive(&mut stream), [b'a' + i]);
+    }
+    assert_eq!(receive(&mut stream), b"abcdefghij");
+    node.shutdown().unwrap();
+}
+
+#[test]
+fn inflight_request_limit_holds_admission_back() {
+    // With two requests in flight at most, six 200 ms requests need three rounds.
+    let node = start(0, |config| config.connection_max_inflight_requests = 2);
+    let mut stream = node.connect(0);
+    let started = std::time::Instant::now();
+    let mut batch = Vec::new();
+    for i in 0..6u8 {
+        batch.extend_from_slice(&framed(&later(b'L', 200, &[i])));
+    }
+    stream.write_all(&batch).unwrap();
+    for i in 0..6u8 {
+        assert_eq!(receive(&mut stream), [i]);
+    }
+    assert!(started.elapsed() >= Duration::from_millis(600));
     node.shutdown().unwrap();
 }
 

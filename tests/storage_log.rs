@@ -287,7 +287,7 @@ fn unclean_stop_with_a_torn_tail_is_truncated_to_the_last_whole_batch() {
 }
 
 #[test]
-fn corrupt_bytes_in_the_middle_truncate_there_and_drop_later_segments() {
+fn corrupt_unsynced_bytes_in_the_middle_are_cut_and_later_segments_quarantined() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let log = PartitionLog::open(dir.path(), small_config())
@@ -297,9 +297,16 @@ fn corrupt_bytes_in_the_middle_truncate_there_and_drop_later_segments() {
             log.append(batch(2, 600, 0, seed), 0).await.unwrap();
         }
         assert!(log.segment_count() >= 3);
+        // Dropped without any fdatasync: nothing here was acknowledged with acks=all.
     });
-    // Damage a byte in the first segment, and remove the checkpoint so everything is rescanned.
-    std::fs::remove_file(dir.path().join("recovery-checkpoint")).unwrap();
+    let later_segments = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|entry| {
+            let name = entry.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".log") && name != format!("{:020}.log", 0)
+        })
+        .count();
     let first = dir.path().join(format!("{:020}.log", 0));
     let mut bytes = std::fs::read(&first).unwrap();
     bytes[3000] ^= 0x55;
@@ -311,7 +318,7 @@ fn corrupt_bytes_in_the_middle_truncate_there_and_drop_later_segments() {
         assert_eq!(
             log.segment_count(),
             1,
-            "segments after the corruption are deleted"
+            "segments after the cut are set aside"
         );
         let end = log.log_end_offset();
         assert!(
@@ -321,6 +328,22 @@ fn corrupt_bytes_in_the_middle_truncate_there_and_drop_later_segments() {
         let (batches, _) = split_batches(&log.read_copy(0, 1 << 20, true).await.unwrap());
         assert_eq!(batches.last().unwrap().last_offset, end - 1);
     });
+    // Nothing was unlinked: the cut bytes and the later segments are in quarantine.
+    let quarantined: Vec<String> = std::fs::read_dir(dir.path().join("quarantine"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let moved_logs = quarantined
+        .iter()
+        .filter(|name| name.contains(".log.") && !name.starts_with(&format!("{:020}", 0)))
+        .count();
+    assert_eq!(moved_logs, later_segments, "{quarantined:?}");
+    assert!(
+        quarantined
+            .iter()
+            .any(|name| name.starts_with(&format!("{:020}.log.", 0))),
+        "{quarantined:?}"
+    );
 }
 
 #[test]

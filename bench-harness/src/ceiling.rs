@@ -1,7 +1,9 @@
 //! `ringbench ceiling`: this machine's physical limits, measured in the same session as the
 //! benchmark, so every result can be stated as a fraction of them: one-flow loopback TCP
 //! throughput, loopback request-response latency, and disk append + fdatasync throughput and
-//! latency on the filesystem the broker logs to.
+//! latency on the filesystem the broker logs to, plus the sequential write bandwidth the device
+//! takes with O_DIRECT and with uncached (`RWF_DONTCACHE`) buffered writes: the ceiling for
+//! sustained produce once the page cache stops absorbing it.
 
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
@@ -39,6 +41,18 @@ pub struct CeilingResult {
     /// Latency of a 4 KiB append + fdatasync (the cost a single acks=all record pays).
     pub disk_fdatasync_4kib: LatencySummary,
     pub disk_fdatasync_4kib_ops_per_s: f64,
+    /// 1 MiB O_DIRECT appends (aligned), then one fdatasync: the device's sequential write bandwidth.
+    /// `None` where the file system refuses O_DIRECT (tmpfs).
+    #[serde(default)]
+    pub disk_direct_append_mb_per_s: Option<f64>,
+    /// 1 MiB buffered appends with `RWF_DONTCACHE` (Linux 6.14+), then one fdatasync: what
+    /// `ringbroker.log.write.mode=uncached` can sustain. `None` where the flag is refused.
+    #[serde(default)]
+    pub disk_uncached_append_mb_per_s: Option<f64>,
+    /// CPU seconds (this thread, user + system) per GB for the buffered, O_DIRECT and uncached
+    /// append tests, in that order.
+    #[serde(default)]
+    pub disk_append_cpu_s_per_gb: [Option<f64>; 3],
 }
 
 /// Bounds on each test so `ceiling` finishes in well under a minute on any disk.
@@ -55,6 +69,8 @@ pub fn measure(opts: &CeilingOptions) -> anyhow::Result<CeilingResult> {
     let loopback_tcp_gb_per_s = tcp_throughput(opts.bytes)?;
     let (loopback_round_trip, loopback_round_trips) = tcp_round_trip()?;
     let disk = disk_tests(&opts.dir, opts.bytes)?;
+    let (direct, direct_cpu) = append_bandwidth(&opts.dir, opts.bytes, AppendKind::Direct)?;
+    let (uncached, uncached_cpu) = append_bandwidth(&opts.dir, opts.bytes, AppendKind::Uncached)?;
     Ok(CeilingResult {
         environment: Environment::capture(Path::new(".")),
         bytes_per_test: opts.bytes,
@@ -65,6 +81,9 @@ pub fn measure(opts: &CeilingOptions) -> anyhow::Result<CeilingResult> {
         disk_fdatasync_1mib_mb_per_s: disk.1,
         disk_fdatasync_4kib: disk.2,
         disk_fdatasync_4kib_ops_per_s: disk.3,
+        disk_direct_append_mb_per_s: direct,
+        disk_uncached_append_mb_per_s: uncached,
+        disk_append_cpu_s_per_gb: [Some(disk.4), direct_cpu, uncached_cpu],
     })
 }
 
@@ -143,9 +162,112 @@ fn tcp_round_trip() -> anyhow::Result<(LatencySummary, u64)> {
     Ok((summary, count))
 }
 
-fn disk_tests(dir: &Path, bytes: u64) -> anyhow::Result<(f64, f64, LatencySummary, f64)> {
+/// This thread's CPU time (user + system) in seconds.
+fn thread_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AppendKind {
+    Direct,
+    Uncached,
+}
+
+/// A 1 MiB buffer aligned to 4 KiB, as O_DIRECT needs.
+struct AlignedChunk {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedChunk {
+    fn new() -> AlignedChunk {
+        let layout = std::alloc::Layout::from_size_align(CHUNK, 4096).expect("valid layout");
+        // SAFETY: a non-zero size; freed in Drop with the same layout.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        assert!(!ptr.is_null(), "out of memory");
+        // SAFETY: ptr points at CHUNK writable bytes.
+        unsafe { std::ptr::write_bytes(ptr, 0x5a, CHUNK) };
+        AlignedChunk { ptr, layout }
+    }
+}
+
+impl Drop for AlignedChunk {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Sequential 1 MiB appends of `bytes` with O_DIRECT or `RWF_DONTCACHE`, then one fdatasync:
+/// (MB/s, CPU-s/GB), both `None` where the file system refuses the mode.
+fn append_bandwidth(
+    dir: &Path,
+    bytes: u64,
+    kind: AppendKind,
+) -> anyhow::Result<(Option<f64>, Option<f64>)> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(format!("ringbench-ceiling-{}.tmp", std::process::id()));
-    let result = (|| -> anyhow::Result<(f64, f64, LatencySummary, f64)> {
+    let result = (|| -> anyhow::Result<(Option<f64>, Option<f64>)> {
+        let mut options = OpenOptions::new();
+        options.create(true).truncate(true).write(true);
+        if kind == AppendKind::Direct {
+            options.custom_flags(libc::O_DIRECT);
+        }
+        let file = match options.open(&path) {
+            Ok(file) => file,
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => return Ok((None, None)),
+            Err(error) => return Err(error.into()),
+        };
+        let chunk = AlignedChunk::new();
+        let flags = match kind {
+            AppendKind::Direct => 0,
+            AppendKind::Uncached => libc::RWF_DONTCACHE,
+        };
+        let cpu_start = thread_cpu_s();
+        let start = Instant::now();
+        let mut written = 0u64;
+        while written < bytes {
+            let iov = libc::iovec {
+                iov_base: chunk.ptr as *mut libc::c_void,
+                iov_len: CHUNK,
+            };
+            // SAFETY: one iovec over the live, aligned chunk; the file is open for writing.
+            let n =
+                unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, written as libc::off_t, flags) };
+            if n < 0 {
+                let error = std::io::Error::last_os_error();
+                if written == 0
+                    && matches!(error.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
+                {
+                    return Ok((None, None));
+                }
+                return Err(error.into());
+            }
+            if n as usize != CHUNK {
+                bail!("short write of {n} bytes at {written}");
+            }
+            written += CHUNK as u64;
+        }
+        file.sync_data()?;
+        let seconds = start.elapsed().as_secs_f64();
+        let cpu_s_per_gb = (thread_cpu_s() - cpu_start) / (written as f64 / 1e9);
+        Ok((Some(written as f64 / seconds / 1e6), Some(cpu_s_per_gb)))
+    })();
+    let _ = std::fs::remove_file(&path);
+    result.with_context(|| format!("disk test in {}", dir.display()))
+}
+
+fn disk_tests(dir: &Path, bytes: u64) -> anyhow::Result<(f64, f64, LatencySummary, f64, f64)> {
+    let path = dir.join(format!("ringbench-ceiling-{}.tmp", std::process::id()));
+    let result = (|| -> anyhow::Result<(f64, f64, LatencySummary, f64, f64)> {
         let buf = vec![0xa5u8; CHUNK];
         // 1. Buffered appends, then one fdatasync: what the page cache absorbs.
         let mut file = OpenOptions::new()
@@ -153,6 +275,7 @@ fn disk_tests(dir: &Path, bytes: u64) -> anyhow::Result<(f64, f64, LatencySummar
             .truncate(true)
             .write(true)
             .open(&path)?;
+        let cpu_start = thread_cpu_s();
         let start = Instant::now();
         let mut written = 0u64;
         while written < bytes {
@@ -161,6 +284,7 @@ fn disk_tests(dir: &Path, bytes: u64) -> anyhow::Result<(f64, f64, LatencySummar
         }
         file.sync_data()?;
         let buffered = written as f64 / start.elapsed().as_secs_f64() / 1e6;
+        let buffered_cpu = (thread_cpu_s() - cpu_start) / (written as f64 / 1e9);
         drop(file);
         // 2. 1 MiB append + fdatasync: a group commit of 1 MiB at a time (bounded by time).
         let mut file = OpenOptions::new()
@@ -196,7 +320,7 @@ fn disk_tests(dir: &Path, bytes: u64) -> anyhow::Result<(f64, f64, LatencySummar
         let ops_per_s = ops as f64 / start.elapsed().as_secs_f64();
         let summary =
             LatencySummary::from_histogram(&histogram).context("no fdatasync measured")?;
-        Ok((buffered, synced, summary, ops_per_s))
+        Ok((buffered, synced, summary, ops_per_s, buffered_cpu))
     })();
     let _ = std::fs::remove_file(&path);
     result.with_context(|| format!("disk test in {}", dir.display()))
@@ -236,6 +360,30 @@ impl CeilingResult {
             out,
             "disk buffered append            {:>10.1} MB/s (with final fdatasync)",
             self.disk_buffered_append_mb_per_s
+        );
+        let mode = |mb: Option<f64>, cpu: Option<f64>, refused: &str| match (mb, cpu) {
+            (Some(mb), Some(cpu)) => {
+                format!("{mb:>10.1} MB/s ({cpu:.2} CPU-s/GB, with final fdatasync)")
+            }
+            _ => format!("{:>10} ({refused})", "n/a"),
+        };
+        let _ = writeln!(
+            out,
+            "disk O_DIRECT append            {}",
+            mode(
+                self.disk_direct_append_mb_per_s,
+                self.disk_append_cpu_s_per_gb[1],
+                "O_DIRECT refused here"
+            )
+        );
+        let _ = writeln!(
+            out,
+            "disk uncached append            {}",
+            mode(
+                self.disk_uncached_append_mb_per_s,
+                self.disk_append_cpu_s_per_gb[2],
+                "RWF_DONTCACHE refused here"
+            )
         );
         let _ = writeln!(
             out,

@@ -144,6 +144,12 @@ impl Control {
         self.record_budget.store(records, Ordering::Release);
     }
 
+    /// Whether a record budget was set and is spent: producers then have nothing to create and
+    /// must not wake for their (stale) schedule.
+    pub fn budget_exhausted(&self) -> bool {
+        self.record_budget.load(Ordering::Acquire) == 0
+    }
+
     /// Takes up to `want` records from the shared budget; returns how many were granted.
     pub fn take_budget(&self, want: u64) -> u64 {
         let mut current = self.record_budget.load(Ordering::Acquire);
@@ -276,6 +282,7 @@ mod tests {
         assert_eq!(c.take_budget(10), 10);
         assert_eq!(c.take_budget(10), 5);
         assert_eq!(c.take_budget(10), 0);
+        assert!(c.budget_exhausted());
     }
 
     #[test]

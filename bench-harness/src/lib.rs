@@ -12,6 +12,7 @@ pub mod matrix;
 pub mod metrics;
 pub mod native;
 pub mod native_group;
+pub mod pagecache;
 pub mod proxy;
 pub mod rdkafka_driver;
 pub mod report;

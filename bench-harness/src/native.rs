@@ -323,7 +323,10 @@ pub async fn run_producer(
             .values()
             .map(|l| l.state.in_flight_bytes.get())
             .sum();
-        if period > 0 && queued_total + in_flight_bytes < buffer_limit {
+        // A spent `--records` budget leaves the schedule in the past: waking for it would spin
+        // without yielding and starve the response reader, so acknowledgements never arrived.
+        let can_create = granted > 0 || !control.budget_exhausted();
+        if period > 0 && can_create && queued_total + in_flight_bytes < buffer_limit {
             wake = wake.min(next_intended_ns);
         }
         if let Some(l) = earliest_linger {

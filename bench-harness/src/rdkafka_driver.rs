@@ -201,7 +201,8 @@ pub fn run_producer(
         let now = clock.now_ns();
         let wait = if period > 0 && next_intended_ns > now {
             Duration::from_nanos(next_intended_ns - now).min(MAX_SLEEP)
-        } else if period == 0 {
+        } else if period == 0 || (granted == 0 && control.budget_exhausted()) {
+            // Nothing to create (rate 0, or the `--records` budget is spent): serve callbacks.
             MAX_SLEEP
         } else {
             Duration::ZERO

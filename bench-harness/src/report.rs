@@ -11,6 +11,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::{IntervalMetrics, LatencySummary, encode_histogram};
+use crate::pagecache::WriteVolume;
 use crate::workload::{DriverKind, Workload};
 
 /// Bumped whenever a field changes meaning, so `compare` can refuse reports it would misread.
@@ -45,6 +46,14 @@ pub struct Report {
     pub hgrm_files: BTreeMap<String, String>,
     /// Caveats about what a number means in this run (e.g. acks=0 latency).
     pub notes: Vec<String>,
+    /// With `--records N`: seconds from the start of the measured phase until the N records were
+    /// acknowledged. The aggregate publish rate is averaged over this span, not over the whole
+    /// measured phase (which may go on while consumers drain).
+    #[serde(default)]
+    pub produce_s: Option<f64>,
+    /// Bytes written against this machine's dirty-page thresholds; `None` where /proc cannot be read.
+    #[serde(default)]
+    pub write_volume: Option<WriteVolume>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -429,6 +438,21 @@ pub fn summary_table(report: &Report) -> String {
                 let _ = writeln!(out, "backlog did not drain within the run");
             }
         }
+    }
+    if let Some(v) = &report.write_volume {
+        let _ = writeln!(
+            out,
+            "written {:.2} GB = {:.1}× the dirty threshold ({:.2} GB), {:.2}× MemAvailable{}",
+            v.written_bytes as f64 / 1e9,
+            v.written_to_dirty_threshold,
+            v.limits.dirty_threshold_bytes as f64 / 1e9,
+            v.written_to_mem_available,
+            if v.page_cache_absorption_only {
+                " (page-cache absorption only)"
+            } else {
+                ""
+            }
+        );
     }
     for note in &report.notes {
         let _ = writeln!(out, "note: {note}");

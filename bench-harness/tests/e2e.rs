@@ -544,3 +544,63 @@ fn native_batches_stay_within_batch_size() {
     assert_eq!(r.totals.published_records, 400);
     assert_eq!(r.totals.consumed_records, 400);
 }
+
+/// `--records N` ends the measured phase once N records are acknowledged (and consumed), and the
+/// publish rate is averaged over the time the N records took, not over the `duration_s` cap; a
+/// run this small is flagged as having measured page-cache absorption only.
+#[test]
+fn records_limit_ends_the_measured_phase_and_rates_cover_the_produce_span() {
+    let _guard = serial();
+    let mut broker = start_broker(1);
+    let out = tempfile::tempdir().unwrap();
+    let workload = Workload {
+        rate: Rate::RecordsPerSecond(20_000.0),
+        warmup_s: 0.0,
+        duration_s: 60.0,
+        ..small_workload("records-limit")
+    };
+    let mut opts = options(
+        &broker.bootstrap(),
+        DriverKind::Native,
+        workload,
+        out.path(),
+    );
+    opts.record_limit = Some(10_000);
+    let started = std::time::Instant::now();
+    let outcome = run(&opts).unwrap();
+    let wall_s = started.elapsed().as_secs_f64();
+    broker.stop().unwrap();
+    let r = Report::read(&outcome.json_path).unwrap();
+    let produce_s = r
+        .produce_s
+        .expect("the records were produced within the cap");
+    assert!(
+        produce_s > 0.3 && produce_s < 5.0,
+        "produce took {produce_s} s"
+    );
+    assert!(
+        r.aggregate.duration_s < 15.0,
+        "measured {} s",
+        r.aggregate.duration_s
+    );
+    assert!(wall_s < 40.0, "the run took {wall_s} s of a 60 s cap");
+    let measured = r.aggregate.published_records;
+    assert!(
+        (10_000..10_000 + 2048).contains(&measured),
+        "{measured} records measured"
+    );
+    let rate = r.aggregate.publish_rate_records_per_s;
+    assert!(
+        // Averaged over the 60 s cap it would be about 170 records/s.
+        (rate - measured as f64 / produce_s).abs() < 1.0 && rate > 2_000.0,
+        "publish rate {rate} over {produce_s} s"
+    );
+    let volume = r.write_volume.expect("dirty thresholds read from /proc");
+    assert!(volume.page_cache_absorption_only);
+    assert!(volume.written_to_dirty_threshold < 0.1);
+    assert!(
+        r.notes.iter().any(|n| n.contains("page-cache absorption")),
+        "{:?}",
+        r.notes
+    );
+}

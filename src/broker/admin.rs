@@ -262,7 +262,23 @@ impl ShardBroker {
             .iter()
             .map(|key| {
                 let value = match *key {
-                    "cleanup.policy" => "delete".to_string(),
+                    "cleanup.policy" => crate::storage::cleaner::cleanup_policy_text(
+                        effective.compaction.compact,
+                        effective.compaction.delete,
+                    )
+                    .to_string(),
+                    "min.cleanable.dirty.ratio" => {
+                        effective.compaction.min_cleanable_dirty_ratio.to_string()
+                    }
+                    "min.compaction.lag.ms" => {
+                        effective.compaction.min_compaction_lag_ms.to_string()
+                    }
+                    "max.compaction.lag.ms" => effective
+                        .compaction
+                        .max_compaction_lag_ms
+                        .unwrap_or(i64::MAX as u64)
+                        .to_string(),
+                    "delete.retention.ms" => effective.compaction.delete_retention_ms.to_string(),
                     "retention.ms" => or_minus_one(effective.retention_ms),
                     "retention.bytes" => or_minus_one(effective.retention_bytes),
                     "segment.bytes" => effective.segment_bytes.to_string(),

@@ -5,7 +5,7 @@
 
 use kafka_protocol::ResponseError;
 
-use crate::storage::{AppendError, ReadError, StorageError};
+use crate::storage::{AppendError, DeleteRecordsError, ReadError, StorageError};
 
 /// Kafka error codes used by the handlers, by name.
 pub mod code {
@@ -55,7 +55,15 @@ pub fn append_error_code(error: &AppendError) -> i16 {
 pub fn read_error_code(error: &ReadError) -> i16 {
     match error {
         ReadError::OffsetOutOfRange { .. } => code::OFFSET_OUT_OF_RANGE,
+        ReadError::Corrupt { .. } => code::CORRUPT_MESSAGE,
         ReadError::Storage(error) => storage_error_code(error),
+    }
+}
+
+pub fn delete_records_error_code(error: &DeleteRecordsError) -> i16 {
+    match error {
+        DeleteRecordsError::OffsetOutOfRange { .. } => code::OFFSET_OUT_OF_RANGE,
+        DeleteRecordsError::Storage(error) => storage_error_code(error),
     }
 }
 

@@ -200,7 +200,7 @@ impl ShardBroker {
     /// new topic is published afterwards; at startup the shard is not ready yet), and a crash before
     /// the sync is no different from a crash during the opens.
     pub(super) async fn open_owned_partitions(&self, topic: &TopicInfo) -> anyhow::Result<()> {
-        let (disk, deferral) = crate::storage::Disk::deferring_syncs();
+        let (disk, deferral) = self.disk.deferring_syncs();
         let opened = self.open_owned_partitions_with(topic, &disk).await;
         let synced = crate::storage::sync_filesystem(&self.log_dir)
             .map_err(|e| anyhow::anyhow!("syncing the partitions of {}: {e}", topic.name));

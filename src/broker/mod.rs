@@ -9,6 +9,8 @@
 //! - Kafka error codes are produced here (see `errors`), never inside storage.
 
 mod admin;
+mod compaction;
+mod delete_records;
 mod disk_errors;
 mod errors;
 mod fetch;
@@ -33,9 +35,9 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::protocol::{self, DecodeError};
-use crate::server::{ConnectionInfo, Handler, HandlerFactory, OutPart, Reply};
+use crate::server::{Admission, ConnectionInfo, Handler, HandlerFactory, OutPart, Reply};
 use crate::shard::ShardContext;
-use crate::storage::PartitionLog;
+use crate::storage::{Disk, PartitionLog};
 
 use errors::code;
 use groups::{GroupCoordinator, GroupSettings};
@@ -58,7 +60,12 @@ fn current() -> Rc<ShardBroker> {
 /// cluster id and the topic table read from disk) is loaded once, by whichever shard comes first.
 pub struct BrokerFactory {
     startup: OnceLock<Result<Startup, String>>,
+    disk: Option<DiskForShard>,
 }
+
+/// Builds the storage seam a shard's partition logs use, on that shard's thread (tests pass a disk
+/// with a fault injector).
+pub type DiskForShard = Arc<dyn Fn(usize) -> Disk + Send + Sync>;
 
 #[derive(Clone)]
 struct Startup {
@@ -70,6 +77,15 @@ impl BrokerFactory {
     pub fn new() -> BrokerFactory {
         BrokerFactory {
             startup: OnceLock::new(),
+            disk: None,
+        }
+    }
+
+    /// A factory whose partition logs do their file IO through `disk(shard)` (fault injection).
+    pub fn with_disk(disk: DiskForShard) -> BrokerFactory {
+        BrokerFactory {
+            startup: OnceLock::new(),
+            disk: Some(disk),
         }
     }
 }
@@ -111,6 +127,7 @@ impl HandlerFactory for BrokerFactory {
         } else {
             None
         };
+        let ctx_shard = ctx.shard_id();
         let broker = Rc::new(ShardBroker {
             shard: ctx.shard_id(),
             shard_count: ctx.shard_count(),
@@ -124,12 +141,17 @@ impl HandlerFactory for BrokerFactory {
             stopping: Cell::new(false),
             groups,
             producer_ids,
+            disk: self
+                .disk
+                .as_ref()
+                .map_or_else(Disk::real, |disk| disk(ctx_shard)),
         });
         for topic in startup.topics.by_name.values() {
             broker.open_owned_partitions(topic).await?;
         }
         CURRENT.with(|cell| *cell.borrow_mut() = Some(broker.clone()));
         broker.clone().start_housekeeping();
+        broker.clone().start_cleaner();
         Ok(BrokerHandler { broker })
     }
 }
@@ -180,8 +202,8 @@ pub struct BrokerHandler {
 }
 
 impl Handler for BrokerHandler {
-    async fn handle(&self, conn: &ConnectionInfo, request: Bytes) -> Reply {
-        self.broker.handle(conn, request).await
+    async fn admit(&self, conn: &ConnectionInfo, request: Bytes) -> Admission {
+        self.broker.admit(conn, request).await
     }
 
     async fn shutdown(&self) {
@@ -223,6 +245,8 @@ pub struct ShardBroker {
     groups: GroupCoordinator,
     /// The producer-id allocator; `Some` on shard 0 only.
     producer_ids: Option<producer_ids::ProducerIdManager>,
+    /// The file-IO seam of this shard's partition logs.
+    disk: Disk,
 }
 
 impl ShardBroker {
@@ -259,25 +283,95 @@ impl ShardBroker {
         }
     }
 
-    async fn handle(&self, conn: &ConnectionInfo, frame: Bytes) -> Reply {
+    /// Admits one request of a connection (the server awaits this before admitting the next
+    /// one). Produce does its appends here, so that two produce requests of one connection reach a
+    /// partition's log in request order, and leaves only the wait for their fdatasync (acks=all) to
+    /// run beside later requests, which lets one group commit cover several requests of the
+    /// connection. A fetch is admitted at once and long-polls beside later requests. Every other
+    /// request is handled entirely here, one after another, as Kafka handles a connection's
+    /// requests (their effects, such as offset commits or group membership, then never overlap).
+    async fn admit(self: &Rc<Self>, conn: &ConnectionInfo, frame: Bytes) -> Admission {
         let request = match protocol::decode_request(frame) {
             Ok(request) => request,
-            Err(error) => return self.reject(conn, error),
+            Err(error) => return Admission::Done(self.reject(conn, error)),
         };
-        let header = &request.header;
+        let protocol::Request { header, body } = request;
+        let (version, correlation_id) = (header.api_version, header.correlation_id);
+        match body {
+            RequestKind::Produce(req) => match self.produce(req, version).await {
+                produce::ProduceAdmitted::Done(outcome) => {
+                    Admission::Done(self.produce_reply(conn, outcome, correlation_id, version))
+                }
+                produce::ProduceAdmitted::Durable(pending) => {
+                    let broker = self.clone();
+                    let conn = *conn;
+                    Admission::Later(Box::pin(async move {
+                        let outcome = pending.finish().await;
+                        broker.produce_reply(&conn, outcome, correlation_id, version)
+                    }))
+                }
+            },
+            RequestKind::Fetch(req) => {
+                let broker = self.clone();
+                Admission::Later(Box::pin(async move {
+                    broker.fetch(req, version, correlation_id).await
+                }))
+            }
+            body => Admission::Done(self.handle(conn, &header, body).await),
+        }
+    }
+
+    fn produce_reply(
+        &self,
+        conn: &ConnectionInfo,
+        outcome: produce::ProduceOutcome,
+        correlation_id: i32,
+        version: i16,
+    ) -> Reply {
+        match outcome {
+            produce::ProduceOutcome::Respond(response) => self.encode(
+                conn,
+                correlation_id,
+                ApiKey::Produce,
+                version,
+                &ResponseKind::Produce(response),
+            ),
+            produce::ProduceOutcome::Silent => Reply::None,
+            produce::ProduceOutcome::Close => Reply::Close,
+        }
+    }
+
+    fn encode(
+        &self,
+        conn: &ConnectionInfo,
+        correlation_id: i32,
+        api_key: ApiKey,
+        version: i16,
+        body: &ResponseKind,
+    ) -> Reply {
+        match protocol::encode_response(correlation_id, api_key, version, body) {
+            Ok(frame) => Reply::Send(vec![OutPart::Bytes(frame)]),
+            Err(error) => {
+                error!(conn = conn.id, ?api_key, version, %error, "could not encode response");
+                Reply::Close
+            }
+        }
+    }
+
+    /// Every request but Produce and Fetch, handled to the end during admission.
+    async fn handle(
+        &self,
+        conn: &ConnectionInfo,
+        header: &protocol::RequestHeader,
+        body: RequestKind,
+    ) -> Reply {
         let (api_key, version, correlation_id) =
             (header.api_key, header.api_version, header.correlation_id);
-        let body = match request.body {
+        let body = match body {
             RequestKind::ApiVersions(_) => {
                 ResponseKind::ApiVersions(protocol::api_versions_response(version, 0))
             }
             RequestKind::Metadata(req) => ResponseKind::Metadata(self.metadata(req, version).await),
-            RequestKind::Produce(req) => match self.produce(req, version).await {
-                produce::ProduceOutcome::Respond(response) => ResponseKind::Produce(response),
-                produce::ProduceOutcome::Silent => return Reply::None,
-                produce::ProduceOutcome::Close => return Reply::Close,
-            },
-            RequestKind::Fetch(req) => return self.fetch(req, version, correlation_id).await,
             RequestKind::ListOffsets(req) => {
                 ResponseKind::ListOffsets(self.list_offsets(req, version).await)
             }
@@ -286,6 +380,9 @@ impl ShardBroker {
             }
             RequestKind::DeleteTopics(req) => {
                 ResponseKind::DeleteTopics(self.delete_topics(req, version).await)
+            }
+            RequestKind::DeleteRecords(req) => {
+                ResponseKind::DeleteRecords(self.delete_records(req).await)
             }
             RequestKind::DescribeConfigs(req) => {
                 ResponseKind::DescribeConfigs(self.describe_configs(req, version))
@@ -332,13 +429,7 @@ impl ShardBroker {
                 return Reply::Close;
             }
         };
-        match protocol::encode_response(correlation_id, api_key, version, &body) {
-            Ok(frame) => Reply::Send(vec![OutPart::Bytes(frame)]),
-            Err(error) => {
-                error!(conn = conn.id, ?api_key, version, %error, "could not encode response");
-                Reply::Close
-            }
-        }
+        self.encode(conn, correlation_id, api_key, version, &body)
     }
 
     /// Answers a request that could not be decoded the way Kafka does: an unsupported ApiVersions
@@ -550,6 +641,10 @@ impl ShardBroker {
             }
         })
         .detach();
+        if self.config.log_scrub_bytes_per_second > 0 {
+            let scrub_broker = self.clone();
+            compio::runtime::spawn(async move { scrub_broker.scrub_forever().await }).detach();
+        }
         let retention_broker = self;
         compio::runtime::spawn(async move {
             let interval = Duration::from_millis(
@@ -567,6 +662,40 @@ impl ShardBroker {
             }
         })
         .detach();
+    }
+
+    /// The scrubber of this shard: verifies the closed segments of its partitions, one partition at a
+    /// time, at `ringbroker.log.scrub.bytes.per.second` (a budget every 100 ms, so the IO is spread
+    /// out rather than bursty).
+    async fn scrub_forever(&self) {
+        const STEP: Duration = Duration::from_millis(100);
+        let budget_bytes = (self.config.log_scrub_bytes_per_second / 10).max(1);
+        let mut cursors: HashMap<(String, i32), crate::storage::scrub::ScrubCursor> =
+            HashMap::new();
+        let mut turn = 0usize;
+        loop {
+            compio::time::sleep(STEP).await;
+            if self.stopping.get() {
+                break;
+            }
+            let mut logs = self.owned_logs();
+            if logs.is_empty() {
+                continue;
+            }
+            logs.sort_by(|left, right| left.0.cmp(&right.0));
+            cursors.retain(|key, _| logs.iter().any(|(owned, _)| owned == key));
+            let ((topic, partition), log) = &logs[turn % logs.len()];
+            let cursor = cursors.entry((topic.clone(), *partition)).or_default();
+            match log.scrub_step(cursor, budget_bytes).await {
+                Ok(step) if step.pass_finished => turn = turn.wrapping_add(1),
+                Ok(_) => {}
+                Err(e) => {
+                    error!(%topic, partition, error = %e, "scrubbing failed; moving on");
+                    cursors.remove(&(topic.clone(), *partition));
+                    turn = turn.wrapping_add(1);
+                }
+            }
+        }
     }
 
     async fn enforce_retention(&self) {
@@ -648,6 +777,7 @@ pub const HANDLED_APIS: &[ApiKey] = &[
     ApiKey::CreateTopics,
     ApiKey::DeleteTopics,
     ApiKey::DescribeConfigs,
+    ApiKey::DeleteRecords,
     ApiKey::FindCoordinator,
     ApiKey::JoinGroup,
     ApiKey::SyncGroup,

@@ -1,17 +1,27 @@
 //! Produce: append each partition's record batches to its log on the owning shard, and answer after
 //! the write (acks=1), after the data is durable (acks=all, group-committed fdatasync), or not at all
 //! (acks=0).
+//!
+//! A produce request is handled in two steps. The appends happen while the connection admits the
+//! request ([`ShardBroker::produce`]), and the server admits a connection's requests one at a time,
+//! so two produce requests of one connection reach a partition's log in request order (what an
+//! idempotent producer with several requests in flight relies on). With acks=all, the wait for the
+//! group commit ([`PendingDurable::finish`]) runs after admission, beside the connection's later
+//! requests, so one fdatasync covers the appends of several in-flight requests.
 
 use kafka_protocol::messages::produce_request::ProduceRequest;
 use kafka_protocol::messages::produce_response::{
     PartitionProduceResponse, ProduceResponse, TopicProduceResponse,
 };
+use std::rc::Rc;
+
 use kafka_protocol::protocol::StrBytes;
 use tracing::debug;
 
 use super::errors::{append_error_code, code, storage_error_code};
 use super::{ShardBroker, disk_errors, now_ms};
 use crate::protocol;
+use crate::storage::PartitionLog;
 
 /// What a Produce request turns into on the wire.
 pub(super) enum ProduceOutcome {
@@ -22,9 +32,43 @@ pub(super) enum ProduceOutcome {
     Close,
 }
 
+/// A produce request whose appends are done.
+pub(super) enum ProduceAdmitted {
+    /// Nothing is left to wait for (acks=0, acks=1, or nothing was appended).
+    Done(ProduceOutcome),
+    /// acks=all: the response is ready once the appends are durable.
+    Durable(PendingDurable),
+}
+
+/// An acks=all response waiting for its appends to be fdatasync'ed.
+pub(super) struct PendingDurable {
+    responses: Vec<TopicProduceResponse>,
+    /// (topic index, partition index, last offset, log) of every append to wait for.
+    waits: Vec<(usize, usize, i64, Rc<PartitionLog>)>,
+}
+
+impl PendingDurable {
+    /// Waits for the group commit of each log (one fdatasync per log covers every append made
+    /// before it started, from this request and others); a failed flush fails the partitions it
+    /// should have covered.
+    pub(super) async fn finish(mut self) -> ProduceOutcome {
+        for (topic_index, partition_index, last_offset, log) in self.waits {
+            if let Err(error) = log.wait_durable(last_offset).await {
+                let topic = &mut self.responses[topic_index];
+                let response = &mut topic.partition_responses[partition_index];
+                disk_errors::note_storage_failure(topic.name.as_str(), response.index, &error);
+                response.error_code = storage_error_code(&error);
+                response.error_message = Some(StrBytes::from_string(error.to_string()));
+            }
+        }
+        ProduceOutcome::Respond(ProduceResponse::default().with_responses(self.responses))
+    }
+}
+
 impl ShardBroker {
-    /// acks=0 gets no response at all, unless an append failed (then the connection is closed).
-    pub(super) async fn produce(&self, request: ProduceRequest, version: i16) -> ProduceOutcome {
+    /// Appends the request's batches. acks=0 gets no response at all, unless an append failed (then
+    /// the connection is closed); acks=all leaves the wait for durability to the caller.
+    pub(super) async fn produce(&self, request: ProduceRequest, version: i16) -> ProduceAdmitted {
         let acks = request.acks;
         // Produce is advertised from v0 because librdkafka only enables compression when the ranges
         // overlap v2, but message formats before v2 (requests before v3) are not stored: refuse them.
@@ -107,15 +151,11 @@ impl ShardBroker {
             );
         }
 
-        // acks=all: one group-committed flush per log covers every append above; wait for each.
-        for (topic_index, partition_index, last_offset, log) in durable_waits {
-            if let Err(error) = log.wait_durable(last_offset).await {
-                let topic = &mut responses[topic_index];
-                let response = &mut topic.partition_responses[partition_index];
-                disk_errors::note_storage_failure(topic.name.as_str(), response.index, &error);
-                response.error_code = storage_error_code(&error);
-                response.error_message = Some(StrBytes::from_string(error.to_string()));
-            }
+        if !durable_waits.is_empty() {
+            return ProduceAdmitted::Durable(PendingDurable {
+                responses,
+                waits: durable_waits,
+            });
         }
 
         if acks == 0 {
@@ -125,12 +165,14 @@ impl ShardBroker {
                 .iter()
                 .flat_map(|t| t.partition_responses.iter())
                 .any(|p| p.error_code != code::NONE);
-            return if failed {
+            return ProduceAdmitted::Done(if failed {
                 ProduceOutcome::Close
             } else {
                 ProduceOutcome::Silent
-            };
+            });
         }
-        ProduceOutcome::Respond(ProduceResponse::default().with_responses(responses))
+        ProduceAdmitted::Done(ProduceOutcome::Respond(
+            ProduceResponse::default().with_responses(responses),
+        ))
     }
 }

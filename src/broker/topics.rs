@@ -35,6 +35,8 @@ pub struct TopicConfig {
     pub max_message_bytes: Option<u32>,
     pub flush_messages: Option<u64>,
     pub flush_ms: Option<u64>,
+    /// `cleanup.policy` and the compaction keys (`compaction.rs`).
+    pub compaction: super::compaction::CompactionOverrides,
 }
 
 /// The topic-level config keys this broker understands, in the order DescribeConfigs lists them.
@@ -47,6 +49,10 @@ pub const TOPIC_CONFIG_KEYS: &[&str] = &[
     "max.message.bytes",
     "flush.messages",
     "flush.ms",
+    "min.cleanable.dirty.ratio",
+    "min.compaction.lag.ms",
+    "max.compaction.lag.ms",
+    "delete.retention.ms",
 ];
 
 /// Why a topic config could not be applied; the message names the key and the value.
@@ -72,13 +78,10 @@ impl TopicConfig {
                 .parse::<i64>()
                 .map_err(|_| error("not an integer"))
         };
+        if let Some(result) = self.compaction.set(key, value) {
+            return result.map_err(error);
+        }
         match key {
-            "cleanup.policy" => {
-                // Compaction is not implemented; accepting the key would silently keep every record.
-                if value.trim() != "delete" {
-                    return Err(error("only cleanup.policy=delete is supported"));
-                }
-            }
             "retention.ms" => {
                 self.retention_ms =
                     Some(at_least(number()?, -1).ok_or_else(|| error("must be >= -1"))?)
@@ -138,6 +141,7 @@ impl TopicConfig {
         );
         push("flush.messages", self.flush_messages.map(|v| v.to_string()));
         push("flush.ms", self.flush_ms.map(|v| v.to_string()));
+        entries.extend(self.compaction.entries());
         entries
     }
 
@@ -158,6 +162,7 @@ impl TopicConfig {
             max_message_bytes: self.max_message_bytes.unwrap_or(defaults.max_message_bytes),
             flush_interval_messages: self.flush_messages.or(defaults.flush_interval_messages),
             flush_interval_ms: self.flush_ms.or(defaults.flush_interval_ms),
+            compaction: self.compaction.apply(&defaults.compaction),
             ..defaults
         }
     }
@@ -185,6 +190,8 @@ pub fn broker_log_config(config: &Config) -> LogConfig {
         flush_interval_ms: config.log_flush_interval_ms,
         durable_high_watermark: config.high_watermark_durable,
         producer_id_expiration_ms: config.producer_id_expiration_ms,
+        compaction: super::compaction::broker_compaction(config),
+        uncached_appends: config.log_write_mode == crate::storage::WriteMode::Uncached,
         ..LogConfig::default()
     }
 }
@@ -521,7 +528,8 @@ mod tests {
             error.contains("retention.ms") && error.contains("soon"),
             "{error}"
         );
-        assert!(config.set("cleanup.policy", "compact").is_err());
+        assert!(config.set("cleanup.policy", "compacted").is_err());
+        assert!(config.set("cleanup.policy", "compact").is_ok());
         assert!(config.set("cleanup.policy", "delete").is_ok());
         assert!(config.set("no.such.key", "1").is_err());
     }

@@ -4,6 +4,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+use kafka_protocol::messages::delete_records_response::{
+    DeleteRecordsPartitionResult, DeleteRecordsResponse, DeleteRecordsTopicResult,
+};
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
 use kafka_protocol::messages::describe_configs_response::DescribeConfigsResult;
 use kafka_protocol::messages::describe_groups_response::DescribedGroup;
@@ -158,6 +161,7 @@ pub fn unsupported_api_versions_frame(correlation_id: i32) -> Bytes {
 /// - Metadata: every requested topic with the error and no partitions (none for "all topics");
 /// - ListOffsets: every partition with the error, timestamp and offset -1;
 /// - CreateTopics, DeleteTopics, DescribeConfigs: every topic or resource with the error;
+/// - DeleteRecords: every partition with the error and low watermark -1;
 /// - ApiVersions: the error and no API list, except for UNSUPPORTED_VERSION (35), which
 ///   gets ApiVersions' own range (KIP-511);
 /// - FindCoordinator: v0-3 the top-level error with node -1, host "" and port -1; v4+ one
@@ -269,6 +273,30 @@ pub fn error_response(request: &Request, error_code: i16) -> Option<ResponseKind
                                             .with_error_code(error_code)
                                             .with_timestamp(-1)
                                             .with_offset(-1)
+                                    })
+                                    .collect(),
+                            )
+                    })
+                    .collect(),
+            ),
+        ),
+        RequestKind::DeleteRecords(delete) => ResponseKind::DeleteRecords(
+            DeleteRecordsResponse::default().with_topics(
+                delete
+                    .topics
+                    .iter()
+                    .map(|topic| {
+                        DeleteRecordsTopicResult::default()
+                            .with_name(topic.name.clone())
+                            .with_partitions(
+                                topic
+                                    .partitions
+                                    .iter()
+                                    .map(|partition| {
+                                        DeleteRecordsPartitionResult::default()
+                                            .with_partition_index(partition.partition_index)
+                                            .with_error_code(error_code)
+                                            .with_low_watermark(-1)
                                     })
                                     .collect(),
                             )

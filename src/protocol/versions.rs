@@ -23,6 +23,8 @@ use kafka_protocol::messages::api_versions_response::{ApiVersion, ApiVersionsRes
 ///   producer id (aiokafka, kafkajs), 3+ let a known producer bump its epoch (KIP-360), 4+ may
 ///   answer PRODUCER_FENCED. 6 (KIP-939 two-phase commit) is not decodable. Transactional APIs
 ///   (AddPartitionsToTxn, EndTxn, ...) stay unadvertised.
+/// - DeleteRecords covers everything the crate has (0-2; librdkafka and the Java admin client use
+///   them all, 2 being the flexible one).
 ///
 /// Adding an API is one line here plus a handler in the broker; decoding, the ApiVersions
 /// response and the clip test all follow from this table.
@@ -35,6 +37,7 @@ pub const SUPPORTED_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreateTopics, 2, 7),
     (ApiKey::DeleteTopics, 1, 6),
     (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::DeleteRecords, 0, 2),
     (ApiKey::FindCoordinator, 0, 6),
     (ApiKey::JoinGroup, 0, 9),
     (ApiKey::SyncGroup, 0, 5),
@@ -156,6 +159,10 @@ mod tests {
             ApiKey::DeleteTopics => (
                 DeleteTopicsRequest::VERSIONS,
                 DeleteTopicsResponse::VERSIONS,
+            ),
+            ApiKey::DeleteRecords => (
+                DeleteRecordsRequest::VERSIONS,
+                DeleteRecordsResponse::VERSIONS,
             ),
             ApiKey::DescribeConfigs => (
                 DescribeConfigsRequest::VERSIONS,

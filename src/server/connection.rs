@@ -1,8 +1,14 @@
-//! connection: one client connection. A reader cuts frames off the socket and queues them; a
-//! processor takes them one at a time, awaits the handler and writes the reply, so replies leave
-//! in request order while the reader keeps reading ahead (pipelined produce requests are not held
-//! up by the read syscall). Read-ahead is bounded by `ringbroker.connection.max.inflight.bytes`:
-//! bytes read but not yet answered.
+//! connection: one client connection, as three cooperating parts in one task. The reader cuts
+//! frames off the socket and queues them; the admitter hands them to the handler one at a time, in
+//! request order, and queues each admitted request (its reply, or the task still producing it) in a
+//! second, ordered queue; the writer takes that queue in order, waits for each reply and writes it.
+//! So a request is admitted while earlier ones still wait (on a flush, a long poll), their effects
+//! happen in request order (the next admission starts only after the previous one returned), and
+//! replies leave in request order, as Kafka clients require.
+//!
+//! Bounds: bytes read but not yet answered (`ringbroker.connection.max.inflight.bytes`; the reader
+//! waits) and requests admitted but not yet answered (`ringbroker.connection.max.inflight.requests`;
+//! the admitter waits).
 
 use std::cell::Cell;
 use std::pin::pin;
@@ -11,9 +17,10 @@ use bytes::{Bytes, BytesMut};
 use compio::BufResult;
 use compio::io::{AsyncReadExt, AsyncWriteExt};
 use compio::net::TcpStream;
+use compio::runtime::JoinHandle;
 use futures_util::future::{Either, select};
 
-use super::{ConnectionInfo, Handler, OutPart, Reply, ShardServer, unless_stopped};
+use super::{Admission, ConnectionInfo, Handler, OutPart, Reply, ShardServer, unless_stopped};
 
 /// Bytes asked of each read. Large enough that a stream of small produce requests costs few
 /// syscalls, small enough that an idle connection's buffer stays cheap.
@@ -37,6 +44,31 @@ enum ReaderEnd {
     Abort,
 }
 
+/// An admitted request waiting for its turn to be answered.
+struct Admitted {
+    /// Size of the request frame, prefix included, returned to the byte budget once answered.
+    frame_bytes: u64,
+    reply: Pending,
+}
+
+enum Pending {
+    Ready(Reply),
+    /// The request's remaining work, spawned on the shard's runtime so that it progresses while
+    /// the writer waits on earlier replies or on the socket. Dropping the handle (the connection
+    /// is torn down) cancels the work.
+    Running(JoinHandle<Reply>),
+}
+
+/// The connection's shared counters and the tokens that wake a waiting reader or admitter.
+struct Budget {
+    inflight_bytes: Cell<u64>,
+    inflight_requests: Cell<usize>,
+    /// A token tells a reader waiting on the byte budget to look again; one pending is enough.
+    bytes_released: (flume::Sender<()>, flume::Receiver<()>),
+    /// The same for an admitter waiting on the request budget.
+    request_released: (flume::Sender<()>, flume::Receiver<()>),
+}
+
 /// Serves one connection until it closes.
 pub(super) async fn run<H: Handler>(
     server: &ShardServer<H>,
@@ -44,36 +76,116 @@ pub(super) async fn run<H: Handler>(
     info: ConnectionInfo,
 ) {
     tracing::debug!(shard = info.shard, peer = %info.peer, id = info.id, "connection opened");
-    // The frame queue's length is bounded by the in-flight byte budget (every frame costs at
-    // least its 4-byte prefix), so an unbounded channel type is still a bounded queue.
+    // Both queues are bounded although their channel type is not: the frame queue by the byte
+    // budget (every frame costs at least its 4-byte prefix), the reply queue by the request budget.
     let (queue_tx, queue_rx) = flume::unbounded::<Bytes>();
-    let (released_tx, released_rx) = flume::bounded::<()>(1);
-    let inflight_bytes = Cell::new(0u64);
-    let reader = read_frames(
-        server,
-        &stream,
-        &info,
-        queue_tx,
-        &inflight_bytes,
-        released_rx,
-    );
-    let processor = process_frames(
-        server,
-        &stream,
-        &info,
-        queue_rx,
-        &inflight_bytes,
-        released_tx,
-    );
-    match select(pin!(reader), pin!(processor)).await {
+    let (order_tx, order_rx) = flume::unbounded::<Admitted>();
+    let budget = Budget {
+        inflight_bytes: Cell::new(0),
+        inflight_requests: Cell::new(0),
+        bytes_released: flume::bounded(1),
+        request_released: flume::bounded(1),
+    };
+    let reader = read_frames(server, &stream, &info, queue_tx, &budget);
+    let answering = async {
+        let admitter = admit_frames(server, &info, queue_rx, order_tx, &budget);
+        let writer = write_replies(server, &stream, &info, order_rx, &budget);
+        match select(pin!(admitter), pin!(writer)).await {
+            // Every frame is admitted (the admitter dropped the reply queue's sender): answer them.
+            Either::Left(((), writer)) => writer.await,
+            // The writer closed the connection (a Close reply or a write error).
+            Either::Right(((), _)) => {}
+        }
+    };
+    match select(pin!(reader), pin!(answering)).await {
         // The reader is done: finish answering what it queued (it dropped the queue's sender).
-        Either::Left((ReaderEnd::Finish, processor)) => processor.await,
-        // Dropping the processor abandons queued requests: the connection is being torn down.
+        Either::Left((ReaderEnd::Finish, answering)) => answering.await,
+        // Dropping the rest abandons queued requests: the connection is being torn down.
         Either::Left((ReaderEnd::Abort, _)) => {}
-        // The processor closed the connection (a Close reply or a write error).
         Either::Right(((), _)) => {}
     }
     tracing::debug!(shard = info.shard, peer = %info.peer, id = info.id, "connection closed");
+}
+
+/// Admits queued frames in request order. Each admission is awaited before the next one starts:
+/// this, not the order in which the runtime polls tasks, is what makes two requests of one
+/// connection take effect in request order (two produce requests to one partition are appended in
+/// request order, which idempotent producers with several requests in flight depend on).
+async fn admit_frames<H: Handler>(
+    server: &ShardServer<H>,
+    info: &ConnectionInfo,
+    queue: flume::Receiver<Bytes>,
+    order: flume::Sender<Admitted>,
+    budget: &Budget,
+) {
+    let max_requests = server.ctx.config().connection_max_inflight_requests;
+    while let Ok(frame) = queue.recv_async().await {
+        while budget.inflight_requests.get() >= max_requests {
+            // The writer frees a slot after each reply; it is gone only when the connection is.
+            if budget.request_released.1.recv_async().await.is_err() {
+                return;
+            }
+        }
+        let frame_bytes = 4 + frame.len() as u64;
+        let (reply, last) = match server.handler.admit(info, frame).await {
+            Admission::Done(reply) => {
+                // Nothing after a request that closes the connection is admitted.
+                let last = matches!(reply, Reply::Close | Reply::SendThenClose(_));
+                (Pending::Ready(reply), last)
+            }
+            Admission::Later(work) => (Pending::Running(compio::runtime::spawn(work)), false),
+        };
+        budget
+            .inflight_requests
+            .set(budget.inflight_requests.get() + 1);
+        if order.send(Admitted { frame_bytes, reply }).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Answers admitted requests in request order, each once its reply is ready.
+async fn write_replies<H: Handler>(
+    server: &ShardServer<H>,
+    stream: &TcpStream,
+    info: &ConnectionInfo,
+    order: flume::Receiver<Admitted>,
+    budget: &Budget,
+) {
+    while let Ok(admitted) = order.recv_async().await {
+        let reply = match admitted.reply {
+            Pending::Ready(reply) => reply,
+            Pending::Running(work) => match work.await {
+                Ok(reply) => reply,
+                Err(error) => {
+                    tracing::error!(shard = info.shard, peer = %info.peer, %error,
+                        "request handler failed; closing the connection");
+                    return;
+                }
+            },
+        };
+        let (parts, close_after) = match reply {
+            Reply::None => (Vec::new(), false),
+            Reply::Send(parts) => (parts, false),
+            Reply::SendThenClose(parts) => (parts, true),
+            Reply::Close => return,
+        };
+        if let Err(error) = write_parts(server, stream, parts).await {
+            tracing::debug!(shard = info.shard, peer = %info.peer, %error, "write failed; closing");
+            return;
+        }
+        if close_after {
+            return;
+        }
+        budget
+            .inflight_bytes
+            .set(budget.inflight_bytes.get() - admitted.frame_bytes);
+        budget
+            .inflight_requests
+            .set(budget.inflight_requests.get() - 1);
+        let _ = budget.bytes_released.0.try_send(());
+        let _ = budget.request_released.0.try_send(());
+    }
 }
 
 async fn read_frames<H: Handler>(
@@ -81,12 +193,13 @@ async fn read_frames<H: Handler>(
     stream: &TcpStream,
     info: &ConnectionInfo,
     queue: flume::Sender<Bytes>,
-    inflight_bytes: &Cell<u64>,
-    released: flume::Receiver<()>,
+    budget: &Budget,
 ) -> ReaderEnd {
     let config = server.ctx.config();
     let max_frame_bytes = u64::from(config.socket_request_max_bytes);
     let max_inflight_bytes = config.connection_max_inflight_bytes;
+    let inflight_bytes = &budget.inflight_bytes;
+    let released = &budget.bytes_released.1;
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut reader = stream;
     loop {
@@ -117,7 +230,7 @@ async fn read_frames<H: Handler>(
             {
                 match unless_stopped(&server.stop, released.recv_async()).await {
                     Some(Ok(())) => {}
-                    // The processor is gone (it closed the connection).
+                    // The budget owns both ends of its channel, so this cannot happen.
                     Some(Err(_)) => return ReaderEnd::Abort,
                     None => return ReaderEnd::Finish,
                 }
@@ -125,7 +238,9 @@ async fn read_frames<H: Handler>(
             let frame = buffer.split_to(frame_bytes).freeze().slice(4..);
             inflight_bytes.set(inflight_bytes.get() + frame_bytes as u64);
             if queue.send(frame).is_err() {
-                return ReaderEnd::Abort;
+                // The admitter stopped after a request that closes the connection: let the
+                // writer answer up to that request, then close.
+                return ReaderEnd::Finish;
             }
         }
         if buffer.capacity() - buffer.len() < READ_CHUNK_BYTES / 4 {
@@ -155,36 +270,6 @@ async fn read_frames<H: Handler>(
                 return ReaderEnd::Abort;
             }
         }
-    }
-}
-
-async fn process_frames<H: Handler>(
-    server: &ShardServer<H>,
-    stream: &TcpStream,
-    info: &ConnectionInfo,
-    queue: flume::Receiver<Bytes>,
-    inflight_bytes: &Cell<u64>,
-    released: flume::Sender<()>,
-) {
-    while let Ok(frame) = queue.recv_async().await {
-        let frame_bytes = 4 + frame.len() as u64;
-        let reply = server.handler.handle(info, frame).await;
-        let (parts, close_after) = match reply {
-            Reply::None => (Vec::new(), false),
-            Reply::Send(parts) => (parts, false),
-            Reply::SendThenClose(parts) => (parts, true),
-            Reply::Close => return,
-        };
-        if let Err(error) = write_parts(server, stream, parts).await {
-            tracing::debug!(shard = info.shard, peer = %info.peer, %error, "write failed; closing");
-            return;
-        }
-        if close_after {
-            return;
-        }
-        inflight_bytes.set(inflight_bytes.get() - frame_bytes);
-        // A token tells a reader waiting on the budget to look again; one pending is enough.
-        let _ = released.try_send(());
     }
 }
 

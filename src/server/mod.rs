@@ -2,6 +2,12 @@
 //! frames, hands each frame to the shard's [`Handler`], and writes the replies back in request
 //! order, sending file ranges by splice (or copy) through `shard::pipe`.
 //!
+//! Pipelining: a connection admits its requests one at a time, in request order (each
+//! [`Handler::admit`] returns before the next one starts), but an admitted request may finish later
+//! ([`Admission::Later`]) while the connection admits the requests behind it. Up to
+//! `ringbroker.connection.max.inflight.requests` requests per connection are admitted and not yet
+//! answered; replies leave in request order however their work finishes.
+//!
 //! The server knows no Kafka: a request is an opaque frame, a reply is a list of byte and file
 //! parts that already carry their own size prefix. Limits, all from the configuration: frame size
 //! (`socket.request.max.bytes`, a larger frame closes that connection), connections per shard
@@ -19,7 +25,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::{Either, select};
+use futures_util::future::{Either, LocalBoxFuture, select};
 
 use crate::shard::pipe::{FileSender, SendStats};
 use crate::shard::{ShardContext, StopSignal};
@@ -69,13 +75,25 @@ pub struct ConnectionInfo {
     pub id: u64,
 }
 
+/// What a handler made of a request once it has admitted it.
+pub enum Admission {
+    /// The reply is ready (the request was handled entirely during admission).
+    Done(Reply),
+    /// Everything about the request that must happen in request order has happened; the reply
+    /// comes from this future, which the connection runs beside the requests admitted after it.
+    Later(LocalBoxFuture<'static, Reply>),
+}
+
 /// The request handler of one shard. It lives on the shard's thread (it may be `!Send`) and is
-/// shared by all of that shard's connections; a connection awaits one `handle` at a time.
+/// shared by all of that shard's connections.
 #[allow(async_fn_in_trait)]
 pub trait Handler: 'static {
     /// One request frame without its 4-byte size prefix; the reply's parts already include the
-    /// size prefix.
-    async fn handle(&self, conn: &ConnectionInfo, request: Bytes) -> Reply;
+    /// size prefix. A connection awaits one `admit` at a time, in request order: whatever a
+    /// request must do before the next request of its connection starts (a produce taking its
+    /// place in a partition's log) belongs here, and only work whose order does not matter (waiting
+    /// for a flush, a fetch's long poll) goes in [`Admission::Later`].
+    async fn admit(&self, conn: &ConnectionInfo, request: Bytes) -> Admission;
     /// Flush, write clean-shutdown markers; called once per shard on SIGTERM/SIGINT, after the
     /// shard's connections have drained (or the drain timed out).
     async fn shutdown(&self);

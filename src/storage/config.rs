@@ -33,6 +33,11 @@ pub struct LogConfig {
     /// timestamps, as in Kafka) is forgotten by the partition (1 day). Also how often `tick` writes a
     /// producer-state snapshot is bounded by `recovery_checkpoint_interval_ms`.
     pub producer_id_expiration_ms: u64,
+    /// `cleanup.policy` and the compaction settings (see `cleaner.rs`).
+    pub compaction: super::cleaner::CompactionConfig,
+    /// `ringbroker.log.write.mode` as resolved at startup: true when appends carry `RWF_DONTCACHE`
+    /// (see `write_mode`). False by default; the broker sets it only after the probe said yes.
+    pub uncached_appends: bool,
 }
 
 /// Seven days in milliseconds, Kafka's default for both `log.roll.hours` and `log.retention.hours`.
@@ -53,6 +58,8 @@ impl Default for LogConfig {
             durable_high_watermark: false,
             recovery_checkpoint_interval_ms: 60_000,
             producer_id_expiration_ms: 24 * 60 * 60 * 1000,
+            compaction: super::cleaner::CompactionConfig::default(),
+            uncached_appends: false,
         }
     }
 }
@@ -87,7 +94,7 @@ impl LogConfig {
         if self.flush_interval_messages == Some(0) {
             return Err("flush_interval_messages must be > 0 or None".into());
         }
-        Ok(())
+        self.compaction.validate()
     }
 
     /// How many entries the offset index of one segment may hold (8 bytes each).

@@ -195,6 +195,12 @@ impl SegmentHandle {
         &self.inner.path
     }
 
+    /// Whether both handles name the same segment instance (not merely the same path: a cleaned
+    /// segment swapped in under the old name is another instance).
+    pub fn same(&self, other: &SegmentHandle) -> bool {
+        Rc::ptr_eq(&self.inner, &other.inner)
+    }
+
     pub fn base_offset(&self) -> i64 {
         self.inner.base_offset
     }
@@ -213,10 +219,20 @@ impl SegmentHandle {
 
     /// `open` for callers that handle the `io::Error` themselves (and keep its errno).
     pub async fn open_io(&self, disk: &Disk) -> std::io::Result<SegmentFile> {
+        self.open_with(disk, false).await
+    }
+
+    /// `open_io`, creating the file if it does not exist (small per-partition files written in
+    /// place, such as the recovery point).
+    pub async fn open_creating(&self, disk: &Disk) -> std::io::Result<SegmentFile> {
+        self.open_with(disk, true).await
+    }
+
+    async fn open_with(&self, disk: &Disk, create: bool) -> std::io::Result<SegmentFile> {
         if let Some(file) = self.cached() {
             return Ok(file);
         }
-        let file = disk.open_rw(&self.inner.path, false).await?;
+        let file = disk.open_rw(&self.inner.path, create).await?;
         let file = SegmentFile::new(file, self.inner.path.clone(), self.inner.base_offset);
         Ok(CACHE.with(|cache| cache.borrow_mut().insert(self.inner.id, file)))
     }

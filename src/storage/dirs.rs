@@ -112,13 +112,17 @@ pub async fn discard_partition_dir(dir: &Path) -> Result<(), StorageError> {
     remove_dir_contents(&disk, &doomed).await
 }
 
-/// Removes a directory holding only files (a partition directory).
+/// Removes a partition directory: its files and its one level of subdirectories (`quarantine/`).
 pub(crate) async fn remove_dir_contents(disk: &Disk, dir: &Path) -> Result<(), StorageError> {
     let entries = disk
         .list_dir(dir)
         .map_err(|source| StorageError::io("read_dir", dir, source))?;
-    for (name, _) in entries {
+    for (name, is_dir) in entries {
         let path = dir.join(name);
+        if is_dir {
+            Box::pin(remove_dir_contents(disk, &path)).await?;
+            continue;
+        }
         disk.remove_file(&path)
             .await
             .map_err(|source| StorageError::io("remove_file", &path, source))?;

@@ -2,8 +2,9 @@
 //! injector that tests plug into it (short writes, ENOSPC, EIO on write or fdatasync, a crash at any
 //! write boundary).
 //!
-//! Every call runs on the shard's compio runtime (io_uring). Writes are buffered (no O_DIRECT) so the
-//! page cache feeds the splice-based fetch path. Listing a directory is the one blocking call: io_uring
+//! Every call runs on the shard's compio runtime (io_uring). Writes go through the page cache (no
+//! O_DIRECT) so the page cache feeds the splice-based fetch path; appends may carry `RWF_DONTCACHE`
+//! (`with_uncached_appends`, see `write_mode`) so written pages leave the cache once written back. Listing a directory is the one blocking call: io_uring
 //! has no getdents, and it only happens while a partition is opened or deleted.
 
 use std::cell::{Cell, RefCell};
@@ -15,6 +16,8 @@ use bytes::Bytes;
 use compio::BufResult;
 use compio::fs::{File, OpenOptions};
 use compio::io::{AsyncReadAt, AsyncWriteAt};
+
+use super::write_mode::{self, FlaggedWritev, RWF_DONTCACHE};
 
 /// The kinds of operation a fault can be attached to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,10 +128,28 @@ fn errno(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
 }
 
-/// The file-system seam. Cheap to clone; a real disk carries no state, a faulty one shares its injector.
+/// A positional writev: compio's own op when there are no flags, ours (which passes `rw_flags`)
+/// when there are.
+async fn submit_writev(
+    file: &File,
+    parts: Vec<Bytes>,
+    position: u64,
+    rw_flags: u32,
+) -> BufResult<usize, Vec<Bytes>> {
+    if rw_flags == 0 {
+        return (&mut &*file).write_vectored_at(parts, position).await;
+    }
+    let BufResult(result, op) =
+        compio::runtime::submit(FlaggedWritev::new(file, parts, position, rw_flags)).await;
+    BufResult(result, op.parts)
+}
+
+/// The file-system seam. Cheap to clone; clones share the fault injector and the append write mode
+/// (so a fallback to buffered writes, once taken, holds for every clone).
 #[derive(Debug, Clone, Default)]
 pub struct Disk {
     faults: Option<Rc<FaultInjector>>,
+    uncached_appends: Rc<Cell<bool>>,
     deferral: Option<Rc<SyncDeferral>>,
 }
 
@@ -153,23 +174,21 @@ impl SyncDeferral {
 }
 
 impl Disk {
-    /// The real file system, no faults.
+    /// The real file system, no faults, buffered appends.
     pub fn real() -> Disk {
-        Disk {
-            faults: None,
-            deferral: None,
-        }
+        Disk::default()
     }
 
-    /// The real file system with syncs deferred until the returned deferral ends.
-    pub fn deferring_syncs() -> (Disk, Rc<SyncDeferral>) {
+    /// This disk (its faults and write mode shared) with syncs deferred until the returned deferral
+    /// ends.
+    pub fn deferring_syncs(&self) -> (Disk, Rc<SyncDeferral>) {
         let deferral = Rc::new(SyncDeferral {
             active: Cell::new(true),
         });
         (
             Disk {
-                faults: None,
                 deferral: Some(deferral.clone()),
+                ..self.clone()
             },
             deferral,
         )
@@ -183,8 +202,19 @@ impl Disk {
     pub fn with_faults(injector: Rc<FaultInjector>) -> Disk {
         Disk {
             faults: Some(injector),
-            deferral: None,
+            ..Disk::default()
         }
+    }
+
+    /// The same disk with appends (`write_all_parts_at`) written with `RWF_DONTCACHE` when `on`.
+    pub fn with_uncached_appends(self, on: bool) -> Disk {
+        self.uncached_appends.set(on);
+        self
+    }
+
+    /// Whether appends currently carry `RWF_DONTCACHE` (false after a refusal made them fall back).
+    pub fn uncached_appends(&self) -> bool {
+        self.uncached_appends.get()
     }
 
     fn fault(&self, kind: IoKind) -> Option<Fault> {
@@ -284,22 +314,39 @@ impl Disk {
     /// Writes the concatenation of `parts` at `position` as one positional `writev`, looping over short
     /// writes; on error the file may hold any prefix, as with `write_all_at`. The append path hands the
     /// client's batch bytes here untouched beside small patched headers, so the batch is never copied.
-    /// With a fault injector the parts are joined and go through `write_all_at`, so every rule (short
-    /// write, crash with `keep_bytes`) sees and counts exactly one write per call, as before.
+    /// With uncached appends on, the writev carries `RWF_DONTCACHE`; if the kernel refuses the flag
+    /// (EOPNOTSUPP/EINVAL, nothing written) this disk falls back to buffered appends for good and the
+    /// same write is retried without it. Fault rules see and count one write per attempt.
     pub async fn write_all_parts_at(
         &self,
         file: &File,
         parts: Vec<Bytes>,
         position: u64,
     ) -> io::Result<()> {
-        if self.faults.is_some() {
-            return self.write_all_at(file, parts.concat(), position).await;
-        }
         let total: usize = parts.iter().map(Bytes::len).sum();
-        let BufResult(result, parts) = (&mut &*file).write_vectored_at(parts, position).await;
+        let mut parts = parts;
+        // Bounded: the second round runs without the flag, so it cannot be refused again.
+        let (result, parts) = loop {
+            let flags = if self.uncached_appends() {
+                RWF_DONTCACHE
+            } else {
+                0
+            };
+            let BufResult(result, returned) =
+                self.write_flagged_once(file, parts, position, flags).await;
+            match result {
+                Err(error) if flags != 0 && write_mode::is_refusal(&error) => {
+                    write_mode::note_runtime_fallback(&format!("{file:?}"), &error);
+                    self.uncached_appends.set(false);
+                    parts = returned;
+                }
+                result => break (result, returned),
+            }
+        };
         let written = result?;
         if written < total {
-            // Short writes are rare (signals, quotas); only then is the rest copied into one buffer.
+            // Short writes are rare (signals, quotas, injected faults); only then is the rest copied
+            // into one buffer.
             if written == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -312,6 +359,40 @@ impl Disk {
                 .await;
         }
         Ok(())
+    }
+
+    /// One positional writev of `parts` with `rw_flags` (0 or `RWF_DONTCACHE`); may store fewer bytes
+    /// than given. Fault rules for `IoKind::Write` apply as in `write_at` (a short write or a crash
+    /// stores a prefix of the joined parts, with the same flags).
+    pub(crate) async fn write_flagged_once(
+        &self,
+        file: &File,
+        parts: Vec<Bytes>,
+        position: u64,
+        rw_flags: u32,
+    ) -> BufResult<usize, Vec<Bytes>> {
+        let total: usize = parts.iter().map(Bytes::len).sum();
+        match self.fault(IoKind::Write) {
+            Some(Fault::Errno(code)) => return BufResult(Err(errno(code)), parts),
+            Some(Fault::ShortWrite(max)) if max < total => {
+                let part = Bytes::from(parts.concat()).slice(..max.max(1));
+                let BufResult(result, _) =
+                    submit_writev(file, vec![part], position, rw_flags).await;
+                return BufResult(result, parts);
+            }
+            Some(Fault::Crash { keep_bytes }) => {
+                if keep_bytes > 0 {
+                    let part = Bytes::from(parts.concat()).slice(..keep_bytes.min(total));
+                    let _ = submit_writev(file, vec![part], position, rw_flags).await;
+                }
+                if let Some(injector) = &self.faults {
+                    injector.crashed.set(true);
+                }
+                return BufResult(Err(errno(libc::EIO)), parts);
+            }
+            Some(Fault::ShortWrite(_)) | None => {}
+        }
+        submit_writev(file, parts, position, rw_flags).await
     }
 
     /// Reads up to `len` bytes at `position`; fewer only at end of file.

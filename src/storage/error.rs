@@ -91,6 +91,12 @@ pub enum ReadError {
         log_start_offset: i64,
         log_end_offset: i64,
     },
+    /// The bytes at the offset are damaged (not a valid batch), or the offset's records were lost to
+    /// damage and quarantined: Kafka's CORRUPT_MESSAGE (2), which clients surface to the application
+    /// (librdkafka as a consumer error, kafka-python as `CorruptRecordError`) instead of retrying
+    /// silently as they do on KAFKA_STORAGE_ERROR.
+    #[error("offset {offset} is damaged: {detail}")]
+    Corrupt { offset: i64, detail: String },
     /// The log could not be read: Kafka's KAFKA_STORAGE_ERROR (56).
     #[error(transparent)]
     Storage(#[from] StorageError),

@@ -50,6 +50,14 @@ impl SegmentIndex {
         }
     }
 
+    /// The greatest entry at or below `relative_offset`, if any (`lookup` without the fallback).
+    pub fn lookup_entry(&self, relative_offset: u32) -> Option<OffsetEntry> {
+        let after = self
+            .offsets
+            .partition_point(|entry| entry.relative_offset <= relative_offset);
+        after.checked_sub(1).map(|at| self.offsets[at])
+    }
+
     /// The relative offset to start a timestamp search from: the entry with the greatest timestamp
     /// strictly below `timestamp`. Every record before that entry's offset is older than `timestamp`.
     pub fn lookup_time(&self, timestamp: i64) -> u32 {

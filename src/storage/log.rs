@@ -26,6 +26,8 @@ use super::disk::Disk;
 use super::error::{AppendError, ReadError, StorageError};
 use super::index::{OFFSET_ENTRY_BYTES, TIME_ENTRY_BYTES};
 use super::producer_state::{ProducerStateMap, SequenceCheck, snapshot_file_name};
+use super::quarantine::DamagedRange;
+use super::recovery_point::RecoveryPoint;
 use super::segment::{Segment, SegmentFile, segment_stem};
 use super::waiters::{Turnstile, TurnstileGuard, Waiters};
 
@@ -67,6 +69,19 @@ pub struct ReadSlice {
     pub file: SegmentFile,
     pub position: u64,
     pub len: u32,
+}
+
+/// Where intact batches resume after damaged bytes: (byte position, base offset).
+pub(crate) type IntactAfter = (u64, i64);
+
+/// What `find_batch` found.
+enum Found {
+    /// The batch's position, header and full 61-byte header bytes.
+    Batch(u64, BatchHeader, Vec<u8>),
+    /// No batch before the limit satisfies the condition.
+    Nothing,
+    /// The bytes at `position` are not a valid batch.
+    Damaged { position: u64, detail: String },
 }
 
 /// What one retention pass removed.
@@ -171,6 +186,16 @@ pub struct PartitionLog {
     pub(crate) high_watermark_moved: Waiters,
     /// The last file operation started by a holder of the turn; see `detached`.
     pub(crate) in_flight: RefCell<Option<Rc<dyn Settle>>>,
+    /// The recovery point written after every fdatasync (`recovery_point.rs`).
+    pub(crate) recovery_point: RefCell<RecoveryPoint>,
+    /// Offsets lost to damage (quarantined at open): reads there answer `ReadError::Corrupt`.
+    pub(crate) damaged: RefCell<Vec<DamagedRange>>,
+    /// Damaged bytes met by reads, by `(segment base, byte position)`, with where the intact batches
+    /// resume (position, base offset). Each is logged at ERROR once, when found; reads skip over them
+    /// and fetches at their offsets get `ReadError::Corrupt`.
+    pub(crate) damaged_spans: RefCell<BTreeMap<(i64, u64), Option<IntactAfter>>>,
+    /// Damaged batches found since open (by reads and the scrubber).
+    pub(crate) damaged_found: Cell<u64>,
 }
 
 /// A detached file operation whose end can be awaited.
@@ -300,7 +325,8 @@ impl PartitionLog {
 
     /// Opens (creating or recovering) the log in `dir` on the real disk.
     pub async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, StorageError> {
-        Self::open_with_disk(dir, config, Disk::real()).await
+        let disk = Disk::real().with_uncached_appends(config.uncached_appends);
+        Self::open_with_disk(dir, config, disk).await
     }
 
     /// The partition directory.
@@ -408,6 +434,10 @@ impl PartitionLog {
             (state.config.max_message_bytes, state.config.segment_bytes)
         };
         let validated = batch::validate_records(&records, max_message_bytes)?;
+        if self.state.borrow().config.compaction.compact {
+            let partition = self.dir.file_name().unwrap_or_default().to_string_lossy();
+            super::cleaner::require_keys(&records, &partition)?;
+        }
         if records.len() as u64 > segment_bytes {
             return Err(AppendError::RecordBatchTooLarge {
                 size: records.len(),
@@ -1029,8 +1059,62 @@ impl PartitionLog {
                 )));
             }
         }
+        // Still the leader, so recovery-point writes happen one at a time and in order.
+        self.write_recovery_point(target).await;
         drop(leader);
         self.high_watermark_moved.wake_all();
+        Ok(())
+    }
+
+    /// Records `durable` as the recovery point: one small in-place write after the fdatasync that made
+    /// it durable, synced later by the periodic checkpoint (see `recovery_point.rs`). A failure only
+    /// leaves an older point, which widens the next recovery scan, so it is logged and not returned.
+    pub(crate) async fn write_recovery_point(&self, durable: LogPosition) {
+        let checkpoint = Checkpoint {
+            offset: durable.offset,
+            segment_base: durable.segment_base,
+            position: durable.position,
+        };
+        let Some((at, bytes)) = self.recovery_point.borrow_mut().prepare(checkpoint) else {
+            return;
+        };
+        let (handle, path) = {
+            let point = self.recovery_point.borrow();
+            (point.handle(), point.path().to_path_buf())
+        };
+        // Through the shard's descriptor cache: thousands of partitions do not each keep it open.
+        let file = match handle.open_creating(&self.disk).await {
+            Ok(file) => file,
+            Err(error) => {
+                tracing::warn!(%error, "could not open the recovery point file");
+                return;
+            }
+        };
+        match self.disk.write_all_at(file.file(), bytes, at).await {
+            Ok(()) => self.recovery_point.borrow_mut().written(checkpoint),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "could not write the recovery point")
+            }
+        }
+    }
+
+    /// fdatasyncs the recovery-point file, so the point survives a power failure too; nothing to do
+    /// when nothing was written since the last sync.
+    pub(crate) async fn sync_recovery_point(&self) -> Result<(), StorageError> {
+        let (unsynced, handle) = {
+            let point = self.recovery_point.borrow();
+            (point.unsynced(), point.handle())
+        };
+        let Some(sequence) = unsynced else {
+            return Ok(());
+        };
+        // A descriptor reopened after eviction syncs what an evicted one wrote (same inode).
+        let file = handle.open(&self.disk).await?;
+        self.disk
+            .sync_data(file.file())
+            .await
+            .map_err(|source| StorageError::io("fdatasync", handle.path(), source))?;
+        self.recovery_point.borrow_mut().synced(sequence);
         Ok(())
     }
 
@@ -1055,56 +1139,163 @@ impl PartitionLog {
         max_bytes: u32,
         min_one_batch: bool,
     ) -> Result<ReadSlice, ReadError> {
-        let (file, scan_from, limit) = 'chosen: {
-            let state = self.state.borrow();
-            self.usable_for_read(&state)?;
-            if offset < state.log_start_offset || offset > state.log_end_offset {
-                return Err(ReadError::OffsetOutOfRange {
-                    offset,
-                    log_start_offset: state.log_start_offset,
-                    log_end_offset: state.log_end_offset,
-                });
-            }
-            let high_watermark = state.high_watermark;
-            if offset >= high_watermark.offset {
-                let segment = state
+        // Bounded: a retry follows only a cleaner swap of the chosen segment during its open.
+        let mut attempts = 0;
+        let (file, scan_from, limit, anchor) = loop {
+            attempts += 1;
+            let (handle, scan_from, limit, anchor) = 'chosen: {
+                let state = self.state.borrow();
+                self.usable_for_read(&state)?;
+                if offset < state.log_start_offset || offset > state.log_end_offset {
+                    return Err(ReadError::OffsetOutOfRange {
+                        offset,
+                        log_start_offset: state.log_start_offset,
+                        log_end_offset: state.log_end_offset,
+                    });
+                }
+                let high_watermark = state.high_watermark;
+                if offset >= high_watermark.offset {
+                    let segment = state
+                        .segments
+                        .get(&high_watermark.segment_base)
+                        .unwrap_or_else(|| state.active());
+                    // Nothing to send: an empty scan range gives the empty slice below.
+                    let position = high_watermark.position.min(segment.size_bytes);
+                    break 'chosen (segment.log.clone(), position, position, None);
+                }
+                if let Some(range) = self
+                    .damaged
+                    .borrow()
+                    .iter()
+                    .find(|range| range.contains(offset))
+                {
+                    return Err(ReadError::Corrupt {
+                        offset,
+                        detail: format!(
+                            "offsets {}..{} were lost to damage and quarantined in {}: {}",
+                            range.first_offset,
+                            range.end_offset,
+                            super::quarantine::quarantine_dir(&self.dir).display(),
+                            range.reason
+                        ),
+                    });
+                }
+                let (_, segment) = state
                     .segments
-                    .get(&high_watermark.segment_base)
-                    .unwrap_or_else(|| state.active());
-                // Nothing to send: an empty scan range gives the empty slice below.
-                let position = high_watermark.position.min(segment.size_bytes);
-                break 'chosen (segment.log.clone(), position, position);
-            }
-            let (_, segment) = state
-                .segments
-                .range(..=offset)
-                .next_back()
-                .expect("offset >= log start, the first segment's base");
-            let limit = if segment.base_offset < high_watermark.segment_base {
-                segment.size_bytes
-            } else if segment.base_offset == high_watermark.segment_base {
-                high_watermark.position
-            } else {
-                0
+                    .range(..=offset)
+                    .next_back()
+                    .expect("offset >= log start, the first segment's base");
+                Self::read_target(segment, offset, high_watermark)
             };
-            let scan_from = u64::from(segment.index.lookup(segment.relative(offset)));
-            (segment.log.clone(), scan_from, limit)
+            if let Some(file) = self.open_for_read(&handle, offset, attempts >= 4).await? {
+                break (file, scan_from, limit, anchor);
+            }
         };
-        let file = self.open_for_read(&file, offset).await?;
-        let found = self
-            .find_batch(&file, scan_from, limit, |header| {
+        // Bounded: each round moves to a later segment, or past a damaged span, or stops.
+        let mut found = self
+            .find_batch(&file, scan_from, limit, anchor, |header| {
                 header.last_offset() >= offset
             })
             .await?;
-        let Some((position, header, _)) = found else {
-            // The batch lies past the high watermark position (it moved back under us only if the segment
-            // was recovered); nothing to send.
-            return Ok(ReadSlice {
-                file,
-                position: limit,
-                len: 0,
-            });
+        let mut file = file;
+        let mut limit = limit;
+        let (position, header) = loop {
+            match found {
+                Found::Batch(position, header, _) => {
+                    // A batch the scrubber found damaged (a bad CRC) has a valid header: the read
+                    // must not serve it.
+                    let known = self
+                        .damaged_spans
+                        .borrow()
+                        .get(&(file.base_offset(), position))
+                        .copied();
+                    let Some(after) = known else {
+                        break (position, header);
+                    };
+                    match after {
+                        Some((next_position, next_base)) if offset >= next_base => {
+                            found = self
+                                .find_batch(&file, next_position, limit, None, |header| {
+                                    header.last_offset() >= offset
+                                })
+                                .await?;
+                        }
+                        _ => {
+                            return Err(ReadError::Corrupt {
+                                offset,
+                                detail: format!(
+                                    "the batch at byte {position} of {} failed verification",
+                                    file.path().display()
+                                ),
+                            });
+                        }
+                    }
+                }
+                Found::Nothing => {
+                    // No batch in this segment reaches the offset. Below the high watermark that means
+                    // the segment ends early (offsets between it and the next segment were lost and
+                    // not recorded): as Kafka does, the read moves on to the next segment.
+                    let next = {
+                        let state = self.state.borrow();
+                        let high_watermark = state.high_watermark;
+                        state
+                            .segments
+                            .range(file.base_offset() + 1..)
+                            .next()
+                            .filter(|(base, _)| **base < high_watermark.offset)
+                            .map(|(_, segment)| Self::read_target(segment, offset, high_watermark))
+                    };
+                    let Some((next_handle, next_from, next_limit, next_anchor)) = next else {
+                        // The batch lies past the high watermark position (it moved back under us
+                        // only if the segment was recovered); nothing to send.
+                        return Ok(ReadSlice {
+                            file,
+                            position: limit,
+                            len: 0,
+                        });
+                    };
+                    let Some(next_file) = self.open_for_read(&next_handle, offset, false).await?
+                    else {
+                        // The cleaner swapped the next segment in meanwhile: nothing to send now,
+                        // the consumer's next fetch reads it.
+                        return Ok(ReadSlice {
+                            file,
+                            position: limit,
+                            len: 0,
+                        });
+                    };
+                    (file, limit) = (next_file, next_limit);
+                    found = self
+                        .find_batch(&file, next_from, limit, next_anchor, |header| {
+                            header.last_offset() >= offset
+                        })
+                        .await?;
+                }
+                Found::Damaged { position, detail } => {
+                    let after = self
+                        .note_damage(&file, position, limit, offset, &detail)
+                        .await?;
+                    match after {
+                        Some((next_position, next_base)) if offset >= next_base => {
+                            found = self
+                                .find_batch(&file, next_position, limit, None, |header| {
+                                    header.last_offset() >= offset
+                                })
+                                .await?;
+                        }
+                        _ => return Err(ReadError::Corrupt { offset, detail }),
+                    }
+                }
+            }
         };
+        // A range that starts before a known damaged span ends at it, so a consumer reads up to the
+        // damage and its next fetch, at the damaged offset, gets the error.
+        let limit = self
+            .damaged_spans
+            .borrow()
+            .range((file.base_offset(), position + 1)..(file.base_offset() + 1, 0))
+            .next()
+            .map_or(limit, |((_, damaged_at), _)| (*damaged_at).min(limit));
         let available = limit - position;
         let first_batch = header.size_bytes.min(available);
         let len = if u64::from(max_bytes) >= first_batch {
@@ -1123,14 +1314,27 @@ impl PartitionLog {
 
     /// Opens a segment for a read through the descriptor cache. Retention may have deleted the
     /// segment since the read chose it (before, the read held its descriptor); the read then gets
-    /// the answer it would get had it come a moment later: the offset is out of range.
+    /// the answer it would get had it come a moment later: the offset is out of range. `None` if the
+    /// cleaner swapped another file in under the segment's name meanwhile (the positions the read
+    /// chose belong to the old file): the caller chooses again, unless `accept_swapped`.
     async fn open_for_read(
         &self,
         handle: &SegmentHandle,
         offset: i64,
-    ) -> Result<SegmentFile, ReadError> {
+        accept_swapped: bool,
+    ) -> Result<Option<SegmentFile>, ReadError> {
         match handle.open(&self.disk).await {
-            Ok(file) => Ok(file),
+            Ok(file) => {
+                let state = self.state.borrow();
+                let swapped = state
+                    .segments
+                    .get(&handle.base_offset())
+                    .is_some_and(|current| !current.log.same(handle));
+                if swapped && !accept_swapped {
+                    return Ok(None);
+                }
+                Ok(Some(file))
+            }
             Err(error) => {
                 let state = self.state.borrow();
                 let gone = !state.segments.contains_key(&handle.base_offset());
@@ -1146,6 +1350,65 @@ impl PartitionLog {
         }
     }
 
+    /// Where the intact batches resume after damaged bytes at `position` of `file`: the next position
+    /// holding a whole, CRC-valid batch, and its base offset; `None` if nothing intact follows before
+    /// `limit`. Found once per damaged position (a search of up to the rest of the segment), logged at
+    /// ERROR then, and remembered, so a consumer retrying at a damaged offset costs a map lookup.
+    pub(crate) async fn note_damage(
+        &self,
+        file: &SegmentFile,
+        position: u64,
+        limit: u64,
+        offset: i64,
+        detail: &str,
+    ) -> Result<Option<IntactAfter>, StorageError> {
+        let key = (file.base_offset(), position);
+        if let Some(known) = self.damaged_spans.borrow().get(&key) {
+            return Ok(*known);
+        }
+        let after =
+            super::recovery::find_next_batch(&self.disk, file, position, limit, file.base_offset())
+                .await?
+                .map(|(next_position, header)| (next_position, header.base_offset));
+        self.damaged_found.set(self.damaged_found.get() + 1);
+        tracing::error!(
+            path = %file.path().display(),
+            position,
+            offset,
+            intact_from_position = after.map(|(next_position, _)| next_position),
+            intact_from_offset = after.map(|(_, next_base)| next_base),
+            %detail,
+            "damaged record batch in the log; fetches at its offsets get CORRUPT_MESSAGE"
+        );
+        self.damaged_spans.borrow_mut().insert(key, after);
+        Ok(after)
+    }
+
+    /// Damaged batches found since the log was opened, by reads and by the scrubber.
+    pub fn damaged_batches_found(&self) -> u64 {
+        self.damaged_found.get()
+    }
+
+    /// The file, scan start, readable end of `segment` for a read at `offset`, and the last offset of
+    /// the batch at the scan start when an index entry says so.
+    fn read_target(
+        segment: &Segment,
+        offset: i64,
+        high_watermark: LogPosition,
+    ) -> (SegmentHandle, u64, u64, Option<i64>) {
+        let limit = if segment.base_offset < high_watermark.segment_base {
+            segment.size_bytes
+        } else if segment.base_offset == high_watermark.segment_base {
+            high_watermark.position
+        } else {
+            0
+        };
+        let entry = segment.index.lookup_entry(segment.relative(offset));
+        let scan_from = entry.map_or(0, |entry| u64::from(entry.position));
+        let anchor = entry.map(|entry| segment.base_offset + i64::from(entry.relative_offset));
+        (segment.log.clone(), scan_from, limit, anchor)
+    }
+
     fn usable_for_read(&self, state: &LogState) -> Result<(), StorageError> {
         if state.closed {
             return Err(StorageError::Closed {
@@ -1156,18 +1419,36 @@ impl PartitionLog {
     }
 
     /// Walks batch headers from `position` (a batch start) up to `limit` and returns the first batch
-    /// for which `wanted` holds: its position, header and full 61-byte header bytes.
+    /// for which `wanted` holds: its position, header and full 61-byte header bytes. `limit` is always
+    /// a batch boundary (a segment's end or the high-watermark position), so a header that does not
+    /// parse or a batch that runs past `limit` is damage, reported as `Found::Damaged`: answering
+    /// "nothing" there would leave a consumer at that offset polling forever.
+    ///
+    /// Offsets must rise from batch to batch, and the batch at `position` must end at `anchor` when the
+    /// caller knows it from an index entry: a damaged baseOffset (which the CRC does not cover) would
+    /// otherwise make the walk answer with the wrong batch.
     async fn find_batch(
         &self,
         file: &SegmentFile,
         mut position: u64,
         limit: u64,
+        anchor: Option<i64>,
         mut wanted: impl FnMut(&BatchHeader) -> bool,
-    ) -> Result<Option<(u64, BatchHeader, Vec<u8>)>, StorageError> {
+    ) -> Result<Found, StorageError> {
         let mut chunk: Vec<u8> = Vec::new();
         let mut chunk_start = 0u64;
+        let mut previous_last: Option<i64> = None;
         // Bounded: each round advances by one whole batch (at least 61 bytes) or returns.
-        while position + HEADER_PREFIX_BYTES as u64 <= limit {
+        while position < limit {
+            if position + HEADER_PREFIX_BYTES as u64 > limit {
+                return Ok(Found::Damaged {
+                    position,
+                    detail: format!(
+                        "{} bytes before the end of the readable range, less than a batch header",
+                        limit - position
+                    ),
+                });
+            }
             let have = position >= chunk_start
                 && position + BATCH_HEADER_BYTES as u64 <= chunk_start + chunk.len() as u64;
             if !have {
@@ -1180,19 +1461,46 @@ impl PartitionLog {
                 chunk_start = position;
             }
             let from = (position - chunk_start) as usize;
-            let header_bytes = &chunk[from..(from + BATCH_HEADER_BYTES).min(chunk.len())];
-            let header =
-                BatchHeader::parse_prefix(header_bytes).ok_or_else(|| StorageError::Malformed {
-                    what: "record batch",
-                    path: file.path().to_path_buf(),
-                    detail: format!("no valid batch header at position {position}"),
-                })?;
-            if wanted(&header) {
-                return Ok(Some((position, header, header_bytes.to_vec())));
+            let header_bytes =
+                &chunk[from.min(chunk.len())..(from + BATCH_HEADER_BYTES).min(chunk.len())];
+            let Some(header) = BatchHeader::parse_prefix(header_bytes) else {
+                return Ok(Found::Damaged {
+                    position,
+                    detail: format!(
+                        "no valid batch header at byte {position} (bad batchLength, magic or lastOffsetDelta, or the file ends early)"
+                    ),
+                });
+            };
+            if position + header.size_bytes > limit {
+                return Ok(Found::Damaged {
+                    position,
+                    detail: format!(
+                        "batch at byte {position} claims {} bytes, past the end of the readable range at {limit}",
+                        header.size_bytes
+                    ),
+                });
             }
+            let out_of_order = match previous_last {
+                Some(last) => header.base_offset <= last,
+                None => anchor.is_some_and(|anchor| header.last_offset() != anchor),
+            };
+            if out_of_order || header.base_offset < file.base_offset() {
+                return Ok(Found::Damaged {
+                    position,
+                    detail: format!(
+                        "batch at byte {position} claims offsets {}..={}, out of order with the batches before it",
+                        header.base_offset,
+                        header.last_offset()
+                    ),
+                });
+            }
+            if wanted(&header) {
+                return Ok(Found::Batch(position, header, header_bytes.to_vec()));
+            }
+            previous_last = Some(header.last_offset());
             position += header.size_bytes;
         }
-        Ok(None)
+        Ok(Found::Nothing)
     }
 
     /// Like `read`, but returns the bytes themselves.
@@ -1249,10 +1557,19 @@ impl PartitionLog {
         // Walk batches whose max timestamp reaches the target; read the whole batch to find the record.
         let mut position = scan_from;
         while position < limit {
-            let Some((at, header, header_bytes)) =
-                self.find_batch(&file, position, limit, |_| true).await?
-            else {
-                break;
+            let (at, header, header_bytes) = match self
+                .find_batch(&file, position, limit, None, |_| true)
+                .await?
+            {
+                Found::Batch(at, header, header_bytes) => (at, header, header_bytes),
+                Found::Nothing => break,
+                Found::Damaged { position, detail } => {
+                    return Err(StorageError::Malformed {
+                        what: "record batch",
+                        path: file.path().to_path_buf(),
+                        detail: format!("at byte {position}: {detail}"),
+                    });
+                }
             };
             if batch::max_timestamp(&header_bytes) >= timestamp_ms
                 && header.last_offset() >= not_before
@@ -1340,6 +1657,8 @@ impl PartitionLog {
             position: durable.position,
         })
         .await?;
+        // The per-fdatasync recovery point is only in the page cache until here.
+        self.sync_recovery_point().await?;
         self.state.borrow_mut().last_checkpoint_ms = now_ms;
         Ok(())
     }
@@ -1354,6 +1673,10 @@ impl PartitionLog {
             log_start_offset: self.log_start_offset(),
             ..RetentionOutcome::default()
         };
+        // `cleanup.policy=compact` alone keeps data until the cleaner supersedes it.
+        if !self.state.borrow().config.compaction.delete {
+            return Ok(outcome);
+        }
         // Bounded by the number of segments: each round deletes the oldest one or stops.
         loop {
             let victim = {
@@ -1411,7 +1734,8 @@ impl PartitionLog {
             let removed = {
                 let mut state = self.state.borrow_mut();
                 let removed = state.segments.remove(&base);
-                state.log_start_offset = next_base;
+                // DeleteRecords may have moved the start past this segment already.
+                state.log_start_offset = state.log_start_offset.max(next_base);
                 state.check_invariants();
                 removed
             };
@@ -1425,7 +1749,7 @@ impl PartitionLog {
             tracing::info!(dir = %self.dir.display(), base_offset = base, size_bytes, "retention deleted segment");
             outcome.deleted_segments += 1;
             outcome.deleted_bytes += size_bytes;
-            outcome.log_start_offset = next_base;
+            outcome.log_start_offset = self.log_start_offset();
         }
         if outcome.deleted_segments > 0 {
             // Snapshots below the new log start describe deleted data; the newest is kept whatever
@@ -1499,6 +1823,9 @@ impl PartitionLog {
         if self.state.borrow().checkpoint != Some(checkpoint) {
             self.write_checkpoint(checkpoint).await?;
         }
+        // The recovery point too, so it never lags the checkpoint; unchanged, it costs nothing.
+        self.write_recovery_point(end).await;
+        self.sync_recovery_point().await?;
         // The producer state as of the log end, so the next open needs no rebuild scan. An empty
         // log has nothing to rebuild from, so it gets none (two fsyncs per idle partition saved).
         let empty = {

@@ -8,6 +8,7 @@
 //! invariants and the recovery procedure.
 
 pub mod batch;
+pub mod cleaner;
 pub mod config;
 pub mod descriptors;
 pub mod dirs;
@@ -15,11 +16,16 @@ pub mod disk;
 pub mod error;
 pub mod index;
 mod log;
+pub mod log_start;
 pub mod producer_state;
+pub mod quarantine;
 mod recovery;
+pub mod recovery_point;
+pub mod scrub;
 pub mod segment;
 pub mod testing;
 mod waiters;
+pub mod write_mode;
 
 pub use config::LogConfig;
 pub use descriptors::SegmentHandle;
@@ -31,4 +37,6 @@ pub use dirs::{
 pub use disk::{Disk, Fault, FaultInjector, IoKind, SyncDeferral};
 pub use error::{AppendError, ReadError, StorageError};
 pub use log::{AppendInfo, LEADER_EPOCH, PartitionLog, ReadSlice, RetentionOutcome};
+pub use log_start::DeleteRecordsError;
 pub use segment::SegmentFile;
+pub use write_mode::{WriteMode, WriteModeError};

@@ -117,6 +117,15 @@ impl ProducerStateMap {
         self.producers.is_empty()
     }
 
+    /// The last offsets of every batch the map remembers (up to five per producer). The cleaner
+    /// keeps these batches, emptied if need be, so the state can be rebuilt from the log.
+    pub fn remembered_batch_last_offsets(&self) -> Vec<i64> {
+        self.producers
+            .values()
+            .flat_map(|entry| entry.batches.iter().map(|batch| batch.last_offset))
+            .collect()
+    }
+
     pub fn get(&self, producer_id: i64) -> Option<&ProducerEntry> {
         self.producers.get(&producer_id)
     }

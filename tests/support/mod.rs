@@ -17,6 +17,8 @@ pub struct Broker {
     pub shards: usize,
     pub data_dir: PathBuf,
     extra: Vec<String>,
+    /// Where the broker's stderr (its tracing log) goes, if a test reads it.
+    log_file: Option<PathBuf>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -56,6 +58,7 @@ impl Broker {
             shards,
             data_dir,
             extra: overrides.iter().map(|s| s.to_string()).collect(),
+            log_file: None,
             _temp: Some(temp),
         };
         broker.launch();
@@ -70,6 +73,27 @@ impl Broker {
             shards,
             data_dir: data_dir.to_path_buf(),
             extra: overrides.iter().map(|s| s.to_string()).collect(),
+            log_file: None,
+            _temp: None,
+        };
+        broker.launch();
+        broker
+    }
+
+    /// Like `start_on`, with the broker's log (stderr) appended to `log_file` for the test to read.
+    pub fn start_on_logged(
+        data_dir: &Path,
+        shards: usize,
+        overrides: &[&str],
+        log_file: &Path,
+    ) -> Broker {
+        let mut broker = Broker {
+            child: None,
+            port: 0,
+            shards,
+            data_dir: data_dir.to_path_buf(),
+            extra: overrides.iter().map(|s| s.to_string()).collect(),
+            log_file: Some(log_file.to_path_buf()),
             _temp: None,
         };
         broker.launch();
@@ -89,7 +113,14 @@ impl Broker {
                 .arg(format!("log.dirs={}", self.data_dir.display()))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(if std::env::var_os("RINGBROKER_TEST_LOG").is_some() {
+                .stderr(if let Some(path) = &self.log_file {
+                    let file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .expect("open the broker log file");
+                    Stdio::from(file)
+                } else if std::env::var_os("RINGBROKER_TEST_LOG").is_some() {
                     Stdio::inherit()
                 } else {
                     Stdio::null()
