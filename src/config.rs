@@ -1262,6 +1262,6 @@ mod tests {
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 38);
+        assert_eq!(lines.len(), 41);
     }
 }
