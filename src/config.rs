@@ -1234,6 +1234,6 @@ mod tests {
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 35);
+        assert_eq!(lines.len(), 38);
     }
 }
