@@ -91,6 +91,10 @@ impl Node {
         let (stop_serving, serving_signal) = stop_pair();
         let (stop_handlers, handlers_signal) = stop_pair();
         let (stop_threads, threads_signal) = stop_pair();
+        // Fired once every shard has built its handler. A shard serves only after it: shards call
+        // each other from their first request on (topic creation opens partitions on every
+        // owner), and a shard whose broker is not yet installed cannot take that work.
+        let (all_ready, all_ready_signal) = stop_pair();
         let listeners = Mutex::new(listeners.into_iter().map(Some).collect::<Vec<_>>());
         let factory = Arc::new(factory);
         let threads = shard::spawn_shards(config.clone(), listen_addrs.clone(), move |ctx| {
@@ -104,6 +108,7 @@ impl Node {
                 listener,
                 events_tx.clone(),
                 [
+                    all_ready_signal.clone(),
                     serving_signal.clone(),
                     handlers_signal.clone(),
                     threads_signal.clone(),
@@ -151,6 +156,9 @@ impl Node {
                 }
             }
         }
+        // Every shard has reported (or failed): let them serve, or, on failure, let the shards
+        // that did start go on to their shutdown.
+        all_ready.trigger();
         if !failures.is_empty() {
             let _ = node.shutdown_phases();
             bail!("cannot start: {}", failures.join("; "));
@@ -296,7 +304,7 @@ async fn shard_main<F: HandlerFactory>(
     factory: Arc<F>,
     listener: Option<TcpListener>,
     events: mpsc::Sender<ShardEvent>,
-    [serving, handlers, threads]: [StopSignal; 3],
+    [all_ready, serving, handlers, threads]: [StopSignal; 4],
 ) {
     let shard = ctx.shard_id();
     let Some(listener) = listener else {
@@ -317,6 +325,8 @@ async fn shard_main<F: HandlerFactory>(
         }
     };
     let _ = events.send(ShardEvent::Ready { shard });
+    // Connections that arrive meanwhile wait in the listener's backlog.
+    all_ready.wait().await;
     match server::serve(ctx, listener, handler.clone(), serving).await {
         Ok(summary) => tracing::info!(
             shard,

@@ -29,6 +29,9 @@ struct TestFactory {
     shutdowns: Arc<AtomicUsize>,
     /// A shard whose handler cannot be built (to test startup failure).
     fail_shard: Option<usize>,
+    /// A shard whose handler takes this long to build, and the flag it sets once built (to test
+    /// that no shard serves before every shard is ready).
+    slow_shard: Option<(usize, Duration, Arc<std::sync::atomic::AtomicBool>)>,
 }
 
 struct TestHandler {
@@ -51,6 +54,12 @@ impl HandlerFactory for TestFactory {
         THIS_SHARD.with(|cell| cell.set(Some(ctx.shard_id())));
         if self.fail_shard == Some(ctx.shard_id()) {
             anyhow::bail!("storage recovery failed (test)");
+        }
+        if let Some((shard, delay, built)) = &self.slow_shard
+            && *shard == ctx.shard_id()
+        {
+            compio::time::sleep(*delay).await;
+            built.store(true, Ordering::SeqCst);
         }
         Ok(TestHandler {
             ctx,
@@ -217,6 +226,7 @@ fn start(file_len: usize, tune: impl FnOnce(&mut Config)) -> TestNode {
             file,
             shutdowns: shutdowns.clone(),
             fail_shard: None,
+            slow_shard: None,
         },
     )
     .expect("node starts");
@@ -666,6 +676,7 @@ fn a_second_node_cannot_use_the_same_log_dir() {
             file: data_dir.join("segment.log"),
             shutdowns: Arc::new(AtomicUsize::new(0)),
             fail_shard: None,
+            slow_shard: None,
         },
     )
     .err()
@@ -689,6 +700,7 @@ fn a_handler_that_cannot_be_built_fails_startup_cleanly() {
             file: file.clone(),
             shutdowns: shutdowns.clone(),
             fail_shard: Some(1),
+            slow_shard: None,
         },
     )
     .err()
@@ -706,8 +718,66 @@ fn a_handler_that_cannot_be_built_fails_startup_cleanly() {
             file,
             shutdowns,
             fail_shard: None,
+            slow_shard: None,
         },
     )
     .expect("the log directory is free again");
+    node.shutdown().unwrap();
+}
+
+/// Regression: a client that connected while another shard was still building its handler was
+/// served at once, and shard 0 then sent topic-creation work to a shard whose broker was not yet
+/// installed, which panicked that shard ("no broker installed on this shard thread"). Listeners are
+/// bound before the shards start, so a connection can arrive that early; it must wait until every
+/// shard is ready.
+#[test]
+fn no_shard_serves_before_every_shard_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("segment.log");
+    std::fs::write(&file, b"x").unwrap();
+    // A free port pair chosen now, so the client knows shard 0's address before startup ends.
+    let port = loop {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        if port < 65000 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            break port;
+        }
+    };
+    let built = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let config = test_config(dir.path(), |config| config.listener.port = port);
+    let factory = TestFactory {
+        file,
+        shutdowns: Arc::new(AtomicUsize::new(0)),
+        fail_shard: None,
+        slow_shard: Some((1, Duration::from_millis(1500), built.clone())),
+    };
+    let starter = std::thread::spawn(move || Node::start(config, factory));
+    // Connect to shard 0 as soon as its port is bound (bounded: 10 s).
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = None;
+    for _ in 0..1000 {
+        if let Ok(connected) = TcpStream::connect_timeout(&address, Duration::from_millis(100)) {
+            stream = Some(connected);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut stream = stream.expect("shard 0's port is bound during startup");
+    assert!(
+        !built.load(Ordering::SeqCst),
+        "the test must connect while shard 1 is still building its handler"
+    );
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.write_all(&framed(b"Eping")).unwrap();
+    let mut reply = [0u8; 8];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[4..], b"ping");
+    // The answer came only once shard 1 had been built.
+    assert!(
+        built.load(Ordering::SeqCst),
+        "shard 0 answered before shard 1's handler was built"
+    );
+    let node = starter.join().unwrap().expect("node starts");
     node.shutdown().unwrap();
 }
