@@ -434,9 +434,16 @@ impl ShardBroker {
                 continue;
             }
             let dir = self.log_dir.join(format!("{}-{}", topic.name, partition));
-            let log = PartitionLog::open_with_disk(&dir, log_config.clone(), self.disk.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("opening {}: {e}", dir.display()))?;
+            let log = PartitionLog::open_with_disk(
+                &dir,
+                log_config.clone(),
+                // The shard's disk (a fault injector in tests) with this log's write mode.
+                self.disk
+                    .clone()
+                    .with_uncached_appends(log_config.uncached_appends),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", dir.display()))?;
             crate::storage::write_partition_metadata(&dir, topic.id)
                 .await
                 .map_err(|e| {
