@@ -226,7 +226,12 @@ impl ShardBroker {
                 let log_config = log_config.clone();
                 async move {
                     let result = async {
-                        let log = PartitionLog::open_with_disk(&dir, log_config, disk.clone())
+                        // The shard's disk (a fault injector in tests, deferring its syncs here)
+                        // with this log's write mode.
+                        let log_disk = disk
+                            .clone()
+                            .with_uncached_appends(log_config.uncached_appends);
+                        let log = PartitionLog::open_with_disk(&dir, log_config, log_disk)
                             .await
                             .map_err(|e| anyhow::anyhow!("opening {}: {e}", dir.display()))?;
                         // Written once: rewriting an unchanged file at every start cost two fsyncs

@@ -207,9 +207,13 @@ impl Disk {
     }
 
     /// The same disk with appends (`write_all_parts_at`) written with `RWF_DONTCACHE` when `on`.
+    /// The switch is the log's own (a fresh cell, not the one of the disk it was cloned from), so
+    /// one log's fallback after a refusal never flips another log opened from the same shard disk.
     pub fn with_uncached_appends(self, on: bool) -> Disk {
-        self.uncached_appends.set(on);
-        self
+        Disk {
+            uncached_appends: Rc::new(Cell::new(on)),
+            ..self
+        }
     }
 
     /// Whether appends currently carry `RWF_DONTCACHE` (false after a refusal made them fall back).
