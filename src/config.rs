@@ -146,6 +146,12 @@ pub struct Config {
     /// Requests of one connection admitted to the handler but not yet answered
     /// (`ringbroker.connection.max.inflight.requests`).
     pub connection_max_inflight_requests: usize,
+    /// A connection with no request for this long, and none in flight, is closed
+    /// (`connections.max.idle.ms`).
+    pub connections_max_idle_ms: u64,
+    /// A request frame whose first bytes arrived must be complete within this, or the connection
+    /// is closed (`ringbroker.connection.frame.timeout.ms`).
+    pub connection_frame_timeout_ms: u64,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -198,6 +204,8 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_INFLIGHT,
     KEY_SHUTDOWN_TIMEOUT,
     KEY_INFLIGHT_REQUESTS,
+    "connections.max.idle.ms",
+    KEY_FRAME_TIMEOUT,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -210,6 +218,7 @@ pub const KEY_MAILBOX: &str = "ringbroker.mailbox.capacity";
 pub const KEY_INFLIGHT: &str = "ringbroker.connection.max.inflight.bytes";
 pub const KEY_SHUTDOWN_TIMEOUT: &str = "ringbroker.shutdown.timeout.ms";
 pub const KEY_INFLIGHT_REQUESTS: &str = "ringbroker.connection.max.inflight.requests";
+pub const KEY_FRAME_TIMEOUT: &str = "ringbroker.connection.frame.timeout.ms";
 
 /// The embedded defaults: `ringbroker` with no arguments serves 127.0.0.1:9092 from
 /// `./ringbroker-data`. Loopback rather than Kafka's all-interfaces default, so that a broker
@@ -470,6 +479,9 @@ impl Config {
             shutdown_timeout_ms: reader.int(KEY_SHUTDOWN_TIMEOUT, 10_000, 0, i64::MAX)? as u64,
             connection_max_inflight_requests: reader.int(KEY_INFLIGHT_REQUESTS, 32, 1, 1 << 16)?
                 as usize,
+            connections_max_idle_ms: reader.int("connections.max.idle.ms", 600_000, 1, i64::MAX)?
+                as u64,
+            connection_frame_timeout_ms: reader.int(KEY_FRAME_TIMEOUT, 30_000, 1, i64::MAX)? as u64,
         };
         Ok(Loaded { config, warnings })
     }
@@ -570,6 +582,8 @@ impl Config {
                 "{KEY_INFLIGHT_REQUESTS} = {}",
                 self.connection_max_inflight_requests
             ),
+            format!("connections.max.idle.ms = {}", self.connections_max_idle_ms),
+            format!("{KEY_FRAME_TIMEOUT} = {}", self.connection_frame_timeout_ms),
         ]
     }
 }
@@ -1066,6 +1080,6 @@ mod tests {
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 34);
+        assert_eq!(lines.len(), 37);
     }
 }

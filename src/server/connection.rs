@@ -12,6 +12,7 @@
 
 use std::cell::Cell;
 use std::pin::pin;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use compio::BufResult;
@@ -200,6 +201,12 @@ async fn read_frames<H: Handler>(
     let max_inflight_bytes = config.connection_max_inflight_bytes;
     let inflight_bytes = &budget.inflight_bytes;
     let released = &budget.bytes_released.1;
+    let idle_timeout = Duration::from_millis(config.connections_max_idle_ms);
+    let frame_timeout = Duration::from_millis(config.connection_frame_timeout_ms);
+    // When the last complete request was cut off the stream, and when the first bytes of the
+    // frame being read now arrived (`None` between frames).
+    let mut last_request_at = Instant::now();
+    let mut frame_started_at: Option<Instant> = None;
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut reader = stream;
     loop {
@@ -237,6 +244,8 @@ async fn read_frames<H: Handler>(
             }
             let frame = buffer.split_to(frame_bytes).freeze().slice(4..);
             inflight_bytes.set(inflight_bytes.get() + frame_bytes as u64);
+            last_request_at = Instant::now();
+            frame_started_at = None;
             if queue.send(frame).is_err() {
                 // The admitter stopped after a request that closes the connection: let the
                 // writer answer up to that request, then close.
@@ -246,11 +255,50 @@ async fn read_frames<H: Handler>(
         if buffer.capacity() - buffer.len() < READ_CHUNK_BYTES / 4 {
             buffer.reserve(READ_CHUNK_BYTES);
         }
-        let BufResult(result, returned) =
-            match unless_stopped(&server.stop, reader.append(buffer)).await {
-                Some(read) => read,
-                None => return ReaderEnd::Finish,
+        if !buffer.is_empty() && frame_started_at.is_none() {
+            frame_started_at = Some(Instant::now());
+        }
+        let mut read = pin!(reader.append(buffer));
+        // Two deadlines, both from the configuration: a frame whose first bytes arrived must
+        // complete within `ringbroker.connection.frame.timeout.ms` (a peer trickling a huge frame
+        // holds its buffer no longer), and a connection with no request for
+        // `connections.max.idle.ms` and nothing in flight is closed (Kafka's idle rule), so
+        // forgotten connections do not hold their slot forever.
+        let BufResult(result, returned) = loop {
+            let deadline = match frame_started_at {
+                Some(started) => started + frame_timeout,
+                None => last_request_at + idle_timeout,
             };
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let sleep = pin!(compio::time::sleep(wait));
+            match unless_stopped(&server.stop, select(read.as_mut(), sleep)).await {
+                None => return ReaderEnd::Finish,
+                Some(Either::Left((read, _))) => break read,
+                Some(Either::Right(((), _))) => {}
+            }
+            if let Some(started) = frame_started_at {
+                tracing::warn!(
+                    shard = info.shard,
+                    peer = %info.peer,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    limit_ms = frame_timeout.as_millis() as u64,
+                    "closing connection: request frame not complete within ringbroker.connection.frame.timeout.ms"
+                );
+                return ReaderEnd::Abort;
+            }
+            if inflight_bytes.get() > 0 {
+                // Requests are still being answered: the connection is busy, not idle.
+                last_request_at = Instant::now();
+                continue;
+            }
+            tracing::debug!(
+                shard = info.shard,
+                peer = %info.peer,
+                limit_ms = idle_timeout.as_millis() as u64,
+                "closing connection idle for connections.max.idle.ms"
+            );
+            return ReaderEnd::Finish;
+        };
         buffer = returned;
         match result {
             Ok(0) => {

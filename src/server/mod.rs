@@ -11,8 +11,10 @@
 //! The server knows no Kafka: a request is an opaque frame, a reply is a list of byte and file
 //! parts that already carry their own size prefix. Limits, all from the configuration: frame size
 //! (`socket.request.max.bytes`, a larger frame closes that connection), connections per shard
-//! (`ringbroker.max.connections.per.shard`, extra connections are closed on accept) and bytes read
-//! ahead but not yet answered per connection (`ringbroker.connection.max.inflight.bytes`).
+//! (`ringbroker.max.connections.per.shard`, extra connections are closed on accept), bytes read
+//! ahead but not yet answered per connection (`ringbroker.connection.max.inflight.bytes`), and two
+//! deadlines: no request for `connections.max.idle.ms` closes an idle connection, and a frame not
+//! complete within `ringbroker.connection.frame.timeout.ms` of its first bytes closes it too.
 
 mod connection;
 
