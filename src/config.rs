@@ -152,6 +152,9 @@ pub struct Config {
     /// A request frame whose first bytes arrived must be complete within this, or the connection
     /// is closed (`ringbroker.connection.frame.timeout.ms`).
     pub connection_frame_timeout_ms: u64,
+    /// Lines about single connections' problems each shard logs per second at most
+    /// (`ringbroker.connection.log.lines.per.second`); the rest are counted in a summary line.
+    pub connection_log_lines_per_second: u32,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -206,6 +209,7 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_INFLIGHT_REQUESTS,
     "connections.max.idle.ms",
     KEY_FRAME_TIMEOUT,
+    KEY_CONNECTION_LOG_LINES,
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -219,6 +223,7 @@ pub const KEY_INFLIGHT: &str = "ringbroker.connection.max.inflight.bytes";
 pub const KEY_SHUTDOWN_TIMEOUT: &str = "ringbroker.shutdown.timeout.ms";
 pub const KEY_INFLIGHT_REQUESTS: &str = "ringbroker.connection.max.inflight.requests";
 pub const KEY_FRAME_TIMEOUT: &str = "ringbroker.connection.frame.timeout.ms";
+pub const KEY_CONNECTION_LOG_LINES: &str = "ringbroker.connection.log.lines.per.second";
 
 /// The embedded defaults: `ringbroker` with no arguments serves 127.0.0.1:9092 from
 /// `./ringbroker-data`. Loopback rather than Kafka's all-interfaces default, so that a broker
@@ -482,6 +487,8 @@ impl Config {
             connections_max_idle_ms: reader.int("connections.max.idle.ms", 600_000, 1, i64::MAX)?
                 as u64,
             connection_frame_timeout_ms: reader.int(KEY_FRAME_TIMEOUT, 30_000, 1, i64::MAX)? as u64,
+            connection_log_lines_per_second: reader.int(KEY_CONNECTION_LOG_LINES, 10, 1, 1 << 20)?
+                as u32,
         };
         Ok(Loaded { config, warnings })
     }
@@ -584,6 +591,10 @@ impl Config {
             ),
             format!("connections.max.idle.ms = {}", self.connections_max_idle_ms),
             format!("{KEY_FRAME_TIMEOUT} = {}", self.connection_frame_timeout_ms),
+            format!(
+                "{KEY_CONNECTION_LOG_LINES} = {}",
+                self.connection_log_lines_per_second
+            ),
         ]
     }
 }

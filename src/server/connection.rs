@@ -21,6 +21,7 @@ use compio::net::TcpStream;
 use compio::runtime::JoinHandle;
 use futures_util::future::{Either, select};
 
+use super::problems;
 use super::{Admission, ConnectionInfo, Handler, OutPart, Reply, ShardServer, unless_stopped};
 
 /// Bytes asked of each read. Large enough that a stream of small produce requests costs few
@@ -105,6 +106,7 @@ pub(super) async fn run<H: Handler>(
         Either::Left((ReaderEnd::Abort, _)) => {}
         Either::Right(((), _)) => {}
     }
+    problems::connection_closed(info.id);
     tracing::debug!(shard = info.shard, peer = %info.peer, id = info.id, "connection closed");
 }
 
@@ -214,13 +216,15 @@ async fn read_frames<H: Handler>(
         while buffer.len() >= 4 {
             let size = i32::from_be_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]);
             if size < 0 || size as u64 > max_frame_bytes {
-                tracing::warn!(
+                if problems::permit(Some(info.id)) {
+                    tracing::warn!(
                     shard = info.shard,
                     peer = %info.peer,
                     size,
                     limit = max_frame_bytes,
                     "closing connection: request frame larger than socket.request.max.bytes"
-                );
+                    );
+                }
                 return ReaderEnd::Abort;
             }
             let frame_bytes = 4 + size as usize;
@@ -277,13 +281,15 @@ async fn read_frames<H: Handler>(
                 Some(Either::Right(((), _))) => {}
             }
             if let Some(started) = frame_started_at {
-                tracing::warn!(
+                if problems::permit(Some(info.id)) {
+                    tracing::warn!(
                     shard = info.shard,
                     peer = %info.peer,
                     waited_ms = started.elapsed().as_millis() as u64,
                     limit_ms = frame_timeout.as_millis() as u64,
                     "closing connection: request frame not complete within ringbroker.connection.frame.timeout.ms"
-                );
+                    );
+                }
                 return ReaderEnd::Abort;
             }
             if inflight_bytes.get() > 0 {
@@ -291,12 +297,14 @@ async fn read_frames<H: Handler>(
                 last_request_at = Instant::now();
                 continue;
             }
-            tracing::debug!(
-                shard = info.shard,
-                peer = %info.peer,
-                limit_ms = idle_timeout.as_millis() as u64,
-                "closing connection idle for connections.max.idle.ms"
-            );
+            if problems::permit(Some(info.id)) {
+                tracing::debug!(
+                    shard = info.shard,
+                    peer = %info.peer,
+                    limit_ms = idle_timeout.as_millis() as u64,
+                    "closing connection idle for connections.max.idle.ms"
+                );
+            }
             return ReaderEnd::Finish;
         };
         buffer = returned;

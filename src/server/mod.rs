@@ -15,8 +15,11 @@
 //! ahead but not yet answered per connection (`ringbroker.connection.max.inflight.bytes`), and two
 //! deadlines: no request for `connections.max.idle.ms` closes an idle connection, and a frame not
 //! complete within `ringbroker.connection.frame.timeout.ms` of its first bytes closes it too.
+//! Lines about a single connection's problems go through [`problems::permit`]: at most one per
+//! connection and `ringbroker.connection.log.lines.per.second` per shard, the rest summed up.
 
 mod connection;
+pub mod problems;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -173,6 +176,19 @@ pub async fn serve<H: Handler>(
         closed_rx,
     });
     let shard = server.ctx.shard_id();
+    problems::install(shard, config.connection_log_lines_per_second);
+    // Reports suppressed problem lines even when no further problem arrives to report them.
+    let ticker_stop = stop.clone();
+    compio::runtime::spawn(async move {
+        while unless_stopped(&ticker_stop, compio::time::sleep(Duration::from_secs(1)))
+            .await
+            .is_some()
+        {
+            problems::tick();
+        }
+        problems::tick();
+    })
+    .detach();
     let mut summary = ServeSummary {
         connections_accepted: 0,
         connections_refused: 0,
@@ -187,20 +203,25 @@ pub async fn serve<H: Handler>(
         let (stream, peer) = match accepted {
             Ok(pair) => pair,
             Err(error) => {
-                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on the same error.
-                tracing::warn!(shard, %error, "accept failed");
+                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on the same error, and log
+                // it within the shard's problem-line budget.
+                if problems::permit(None) {
+                    tracing::warn!(shard, %error, "accept failed");
+                }
                 compio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         if server.live_connections.get() >= config.max_connections_per_shard {
             summary.connections_refused += 1;
-            tracing::warn!(
-                shard,
-                %peer,
-                limit = config.max_connections_per_shard,
-                "refusing connection: ringbroker.max.connections.per.shard reached"
-            );
+            if problems::permit(None) {
+                tracing::warn!(
+                    shard,
+                    %peer,
+                    limit = config.max_connections_per_shard,
+                    "refusing connection: ringbroker.max.connections.per.shard reached"
+                );
+            }
             drop(stream);
             continue;
         }

@@ -17,6 +17,8 @@ pub struct Broker {
     pub shards: usize,
     pub data_dir: PathBuf,
     extra: Vec<String>,
+    /// Where the broker's log (stderr) goes, at the default `info` level; `None` discards it.
+    log_file: Option<PathBuf>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -56,6 +58,25 @@ impl Broker {
             shards,
             data_dir,
             extra: overrides.iter().map(|s| s.to_string()).collect(),
+            log_file: None,
+            _temp: Some(temp),
+        };
+        broker.launch();
+        broker
+    }
+
+    /// Starts a broker like [`Broker::start`] whose log (stderr, `info` level) is written to `log`,
+    /// for tests that read or measure it.
+    pub fn start_logging_to(log: &Path, shards: usize, overrides: &[&str]) -> Broker {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let data_dir = temp.path().join("data");
+        let mut broker = Broker {
+            child: None,
+            port: 0,
+            shards,
+            data_dir,
+            extra: overrides.iter().map(|s| s.to_string()).collect(),
+            log_file: Some(log.to_path_buf()),
             _temp: Some(temp),
         };
         broker.launch();
@@ -70,6 +91,7 @@ impl Broker {
             shards,
             data_dir: data_dir.to_path_buf(),
             extra: overrides.iter().map(|s| s.to_string()).collect(),
+            log_file: None,
             _temp: None,
         };
         broker.launch();
@@ -96,6 +118,10 @@ impl Broker {
                 });
             for extra in &self.extra {
                 command.arg("--override").arg(extra);
+            }
+            if let Some(path) = &self.log_file {
+                let file = std::fs::File::create(path).expect("create the broker log file");
+                command.env_remove("RUST_LOG").stderr(file);
             }
             let mut child = command.spawn().expect("start ringbroker");
             if wait_for_ports(&mut child, port, self.shards, Duration::from_secs(20)) {
