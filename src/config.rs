@@ -155,6 +155,10 @@ pub struct Config {
     /// Lines about single connections' problems each shard logs per second at most
     /// (`ringbroker.connection.log.lines.per.second`); the rest are counted in a summary line.
     pub connection_log_lines_per_second: u32,
+    /// Open connections over the whole node (`max.connections`).
+    pub max_connections: usize,
+    /// Open connections from one client address (`max.connections.per.ip`).
+    pub max_connections_per_ip: usize,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -210,6 +214,8 @@ const KNOWN_KEYS: &[&str] = &[
     "connections.max.idle.ms",
     KEY_FRAME_TIMEOUT,
     KEY_CONNECTION_LOG_LINES,
+    "max.connections",
+    "max.connections.per.ip",
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -489,6 +495,16 @@ impl Config {
             connection_frame_timeout_ms: reader.int(KEY_FRAME_TIMEOUT, 30_000, 1, i64::MAX)? as u64,
             connection_log_lines_per_second: reader.int(KEY_CONNECTION_LOG_LINES, 10, 1, 1 << 20)?
                 as u32,
+            // Kafka's defaults (no limit); `ringbroker.max.connections.per.shard` bounds each
+            // shard regardless.
+            max_connections: reader.int("max.connections", i32::MAX as i64, 1, i32::MAX as i64)?
+                as usize,
+            max_connections_per_ip: reader.int(
+                "max.connections.per.ip",
+                i32::MAX as i64,
+                1,
+                i32::MAX as i64,
+            )? as usize,
         };
         Ok(Loaded { config, warnings })
     }
@@ -595,6 +611,8 @@ impl Config {
                 "{KEY_CONNECTION_LOG_LINES} = {}",
                 self.connection_log_lines_per_second
             ),
+            format!("max.connections = {}", self.max_connections),
+            format!("max.connections.per.ip = {}", self.max_connections_per_ip),
         ]
     }
 }

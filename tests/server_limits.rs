@@ -3,12 +3,15 @@
 //! frame whose first bytes arrived must complete within `ringbroker.connection.frame.timeout.ms`,
 //! while a librdkafka client keeps producing and consuming. Problems of single connections (bad
 //! frames, stalls, idle closes) are logged at most once per connection and within a per-shard
-//! budget of lines per second, so a flood of bad frames cannot flood the log.
+//! budget of lines per second, so a flood of bad frames cannot flood the log. At
+//! `max.connections` and `max.connections.per.ip` the connection idle longest makes room for a new
+//! one, so idle connections never lock a librdkafka client out.
 
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
@@ -213,4 +216,119 @@ fn ten_thousand_bad_frames_produce_a_bounded_log() {
         text.contains("similar connection problems suppressed"),
         "no summary line for the suppressed problems:\n{text}"
     );
+}
+
+/// Connects to `to` from the loopback address `from` (127.0.0.2 is as much loopback as
+/// 127.0.0.1 on Linux), so a test can be two client addresses.
+fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let sockaddr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    let length = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(from, 0);
+        let bound = libc::bind(fd, (&raw const local).cast(), length);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let remote = sockaddr(to.ip().octets(), to.port());
+        let connected = libc::connect(fd, (&raw const remote).cast(), length);
+        assert_eq!(connected, 0, "connect: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+/// Whether `stream` is served: an ApiVersions request gets its answer.
+fn is_served(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::ApiVersions as i16)
+        .with_request_api_version(0)
+        .with_correlation_id(1)
+        .encode(&mut body, 1)
+        .unwrap();
+    let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    stream.write_all(&frame).is_ok() && read_response(stream)
+}
+
+#[test]
+fn idle_connections_make_room_at_max_connections() {
+    // Idle connections would be kept for ten minutes: only the limit's own rule frees them.
+    let broker = Broker::start(2, &["max.connections=12"]);
+    let bootstrap = broker.bootstrap();
+    create_topic(&bootstrap, "crowded", 1, &[]);
+    // Idle clients take every place in the node, all on shard 0.
+    let mut idle: Vec<TcpStream> = (0..12)
+        .map(|_| TcpStream::connect(&bootstrap).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // A connection to shard 1 gets in: shard 0 closed its connection idle longest for it.
+    let shard_1: SocketAddr = format!("127.0.0.1:{}", broker.port + 1).parse().unwrap();
+    let mut newcomer = TcpStream::connect(shard_1).unwrap();
+    assert!(is_served(&mut newcomer), "the 13th connection was refused");
+    assert!(
+        idle.iter_mut()
+            .any(|stream| closed_within(stream, Duration::from_millis(200)).is_some()),
+        "no idle connection was closed to make room"
+    );
+    // librdkafka's producer and consumer get in the same way, and work.
+    client_round_trip(&bootstrap, "crowded", "crowded", 0);
+    drop(idle);
+}
+
+#[test]
+fn max_connections_per_ip_refuses_only_the_crowded_address() {
+    let broker = Broker::start(1, &["max.connections.per.ip=4"]);
+    let bootstrap = broker.bootstrap();
+    let address: SocketAddr = bootstrap.parse().unwrap();
+    create_topic(&bootstrap, "per-ip", 1, &[]);
+    // 127.0.0.2 holds four connections, each in the middle of a request: busy, never closed to
+    // make room.
+    let mut busy: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = connect_from([127, 0, 0, 2], address);
+            stream.write_all(&100i32.to_be_bytes()).unwrap();
+            stream.write_all(&[0u8; 10]).unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // A fifth connection from 127.0.0.2 is refused...
+    let mut fifth = connect_from([127, 0, 0, 2], address);
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(5)).is_some(),
+        "a fifth connection from 127.0.0.2 was kept"
+    );
+    for stream in &mut busy {
+        assert!(
+            closed_within(stream, Duration::from_millis(50)).is_none(),
+            "a busy connection was closed to make room"
+        );
+    }
+    // ...while 127.0.0.1 is not limited by 127.0.0.2's connections.
+    client_round_trip(&bootstrap, "per-ip", "per-ip", 0);
+    // A connection from 127.0.0.2 that is idle (its request answered) makes room for the next.
+    drop(busy.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    let mut idle = connect_from([127, 0, 0, 2], address);
+    assert!(is_served(&mut idle), "no place after a connection closed");
+    let mut newcomer = connect_from([127, 0, 0, 2], address);
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(5)).is_some(),
+        "the idle connection did not make room"
+    );
+    assert!(is_served(&mut newcomer), "the newcomer was refused");
 }

@@ -10,8 +10,8 @@
 //! waits) and requests admitted but not yet answered (`ringbroker.connection.max.inflight.requests`;
 //! the admitter waits).
 
-use std::cell::Cell;
 use std::pin::pin;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -22,6 +22,7 @@ use compio::runtime::JoinHandle;
 use futures_util::future::{Either, select};
 
 use super::problems;
+use super::quotas::Activity;
 use super::{Admission, ConnectionInfo, Handler, OutPart, Reply, ShardServer, unless_stopped};
 
 /// Bytes asked of each read. Large enough that a stream of small produce requests costs few
@@ -63,8 +64,10 @@ enum Pending {
 
 /// The connection's shared counters and the tokens that wake a waiting reader or admitter.
 struct Budget {
-    inflight_bytes: Cell<u64>,
-    inflight_requests: Cell<usize>,
+    /// The in-flight bytes and last activity, which the shard's registry reads to find the
+    /// connection idle longest.
+    activity: Rc<Activity>,
+    inflight_requests: std::cell::Cell<usize>,
     /// A token tells a reader waiting on the byte budget to look again; one pending is enough.
     bytes_released: (flume::Sender<()>, flume::Receiver<()>),
     /// The same for an admitter waiting on the request budget.
@@ -76,6 +79,7 @@ pub(super) async fn run<H: Handler>(
     server: &ShardServer<H>,
     stream: TcpStream,
     info: ConnectionInfo,
+    activity: Rc<Activity>,
 ) {
     tracing::debug!(shard = info.shard, peer = %info.peer, id = info.id, "connection opened");
     // Both queues are bounded although their channel type is not: the frame queue by the byte
@@ -83,8 +87,8 @@ pub(super) async fn run<H: Handler>(
     let (queue_tx, queue_rx) = flume::unbounded::<Bytes>();
     let (order_tx, order_rx) = flume::unbounded::<Admitted>();
     let budget = Budget {
-        inflight_bytes: Cell::new(0),
-        inflight_requests: Cell::new(0),
+        activity,
+        inflight_requests: std::cell::Cell::new(0),
         bytes_released: flume::bounded(1),
         request_released: flume::bounded(1),
     };
@@ -180,9 +184,11 @@ async fn write_replies<H: Handler>(
         if close_after {
             return;
         }
-        budget
+        let activity = &budget.activity;
+        activity.last_active_at.set(Instant::now());
+        activity
             .inflight_bytes
-            .set(budget.inflight_bytes.get() - admitted.frame_bytes);
+            .set(activity.inflight_bytes.get() - admitted.frame_bytes);
         budget
             .inflight_requests
             .set(budget.inflight_requests.get() - 1);
@@ -201,7 +207,9 @@ async fn read_frames<H: Handler>(
     let config = server.ctx.config();
     let max_frame_bytes = u64::from(config.socket_request_max_bytes);
     let max_inflight_bytes = config.connection_max_inflight_bytes;
-    let inflight_bytes = &budget.inflight_bytes;
+    let activity = &budget.activity;
+    let inflight_bytes = &activity.inflight_bytes;
+    let evict = &activity.evict.1;
     let released = &budget.bytes_released.1;
     let idle_timeout = Duration::from_millis(config.connections_max_idle_ms);
     let frame_timeout = Duration::from_millis(config.connection_frame_timeout_ms);
@@ -262,6 +270,7 @@ async fn read_frames<H: Handler>(
         if !buffer.is_empty() && frame_started_at.is_none() {
             frame_started_at = Some(Instant::now());
         }
+        activity.reading_frame.set(!buffer.is_empty());
         let mut read = pin!(reader.append(buffer));
         // Two deadlines, both from the configuration: a frame whose first bytes arrived must
         // complete within `ringbroker.connection.frame.timeout.ms` (a peer trickling a huge frame
@@ -275,10 +284,23 @@ async fn read_frames<H: Handler>(
             };
             let wait = deadline.saturating_duration_since(Instant::now());
             let sleep = pin!(compio::time::sleep(wait));
-            match unless_stopped(&server.stop, select(read.as_mut(), sleep)).await {
+            let evicted = pin!(evict.recv_async());
+            match unless_stopped(&server.stop, select(read.as_mut(), select(sleep, evicted))).await
+            {
                 None => return ReaderEnd::Finish,
                 Some(Either::Left((read, _))) => break read,
-                Some(Either::Right(((), _))) => {}
+                Some(Either::Right((Either::Left(((), _)), _))) => {}
+                Some(Either::Right((Either::Right(_), _))) => {
+                    // The shard needs this idle connection's place for a new one.
+                    if problems::permit(Some(info.id)) {
+                        tracing::info!(
+                            shard = info.shard,
+                            peer = %info.peer,
+                            "closing the connection idle longest to make room for a new one"
+                        );
+                    }
+                    return ReaderEnd::Finish;
+                }
             }
             if let Some(started) = frame_started_at {
                 if problems::permit(Some(info.id)) {
@@ -320,7 +342,7 @@ async fn read_frames<H: Handler>(
                 }
                 return ReaderEnd::Finish;
             }
-            Ok(_) => {}
+            Ok(_) => activity.last_active_at.set(Instant::now()),
             Err(error) => {
                 tracing::debug!(shard = info.shard, peer = %info.peer, %error, "read failed");
                 return ReaderEnd::Abort;
