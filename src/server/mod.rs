@@ -12,7 +12,7 @@
 //! parts that already carry their own size prefix. Limits, all from the configuration: frame size
 //! (`socket.request.max.bytes`, a larger frame closes that connection), connections per shard, per
 //! node and per client address (`ringbroker.max.connections.per.shard`, `max.connections`,
-//! `max.connections.per.ip`: at a limit the connection idle longest makes room, see [`quotas`]; a
+//! `max.connections.per.ip`: at a limit the connection idle longest makes room (`quotas`); a
 //! new connection is refused only when none is idle), bytes read
 //! ahead but not yet answered per connection (`ringbroker.connection.max.inflight.bytes`), and two
 //! deadlines: no request for `connections.max.idle.ms` closes an idle connection, and a frame not
