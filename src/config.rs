@@ -1109,6 +1109,6 @@ mod tests {
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 37);
+        assert_eq!(lines.len(), 40);
     }
 }
