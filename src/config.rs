@@ -159,6 +159,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Open connections from one client address (`max.connections.per.ip`).
     pub max_connections_per_ip: usize,
+    /// Bytes of requests each shard holds in memory, read and not yet answered
+    /// (`queued.max.request.bytes`; `None` for Kafka's -1, no limit).
+    pub queued_max_request_bytes: Option<u64>,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -216,6 +219,7 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_CONNECTION_LOG_LINES,
     "max.connections",
     "max.connections.per.ip",
+    "queued.max.request.bytes",
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -505,6 +509,7 @@ impl Config {
                 1,
                 i32::MAX as i64,
             )? as usize,
+            queued_max_request_bytes: queued_max_request_bytes(&reader, socket_request_max_bytes)?,
         };
         Ok(Loaded { config, warnings })
     }
@@ -613,8 +618,37 @@ impl Config {
             ),
             format!("max.connections = {}", self.max_connections),
             format!("max.connections.per.ip = {}", self.max_connections_per_ip),
+            format!(
+                "queued.max.request.bytes = {}",
+                self.queued_max_request_bytes
+                    .map_or(-1, |bytes| bytes as i64)
+            ),
         ]
     }
+}
+
+/// `queued.max.request.bytes`: -1 (Kafka's default) for no limit, otherwise at least
+/// `socket.request.max.bytes`, so that a frame of the largest allowed size can always be read
+/// whole once the rest of the shard's requests are answered.
+fn queued_max_request_bytes(
+    reader: &Reader<'_>,
+    socket_request_max_bytes: u32,
+) -> Result<Option<u64>, ConfigError> {
+    const KEY: &str = "queued.max.request.bytes";
+    let bytes = reader.int(KEY, -1, -1, i64::MAX)?;
+    if bytes == -1 {
+        return Ok(None);
+    }
+    if bytes < i64::from(socket_request_max_bytes) {
+        return Err(ConfigError::invalid(
+            KEY,
+            &bytes.to_string(),
+            format!(
+                "must be -1 (no limit) or at least socket.request.max.bytes ({socket_request_max_bytes})"
+            ),
+        ));
+    }
+    Ok(Some(bytes as u64))
 }
 
 /// Typed access to the merged properties; every error names the key and the value.
@@ -1104,11 +1138,27 @@ mod tests {
     }
 
     #[test]
+    fn queued_max_request_bytes_is_minus_one_or_at_least_one_frame() {
+        assert_eq!(load("").unwrap().config.queued_max_request_bytes, None);
+        let config = load("queued.max.request.bytes=104857600").unwrap().config;
+        assert_eq!(config.queued_max_request_bytes, Some(104_857_600));
+        match load("socket.request.max.bytes=2000\nqueued.max.request.bytes=1000") {
+            Err(ConfigError::InvalidValue { key, value, .. }) => {
+                assert_eq!(
+                    (key.as_str(), value.as_str()),
+                    ("queued.max.request.bytes", "1000")
+                );
+            }
+            other => panic!("expected an invalid value, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn summary_has_one_line_per_setting() {
         let config = load("").unwrap().config;
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 40);
+        assert_eq!(lines.len(), 41);
     }
 }

@@ -5,7 +5,8 @@
 //! frames, stalls, idle closes) are logged at most once per connection and within a per-shard
 //! budget of lines per second, so a flood of bad frames cannot flood the log. At
 //! `max.connections` and `max.connections.per.ip` the connection idle longest makes room for a new
-//! one, so idle connections never lock a librdkafka client out.
+//! one, so idle connections never lock a librdkafka client out. `queued.max.request.bytes` bounds
+//! the memory a shard spends on partly sent requests.
 
 mod support;
 
@@ -325,10 +326,73 @@ fn max_connections_per_ip_refuses_only_the_crowded_address() {
     std::thread::sleep(Duration::from_millis(200));
     let mut idle = connect_from([127, 0, 0, 2], address);
     assert!(is_served(&mut idle), "no place after a connection closed");
+    // The client reads the answer a moment before the broker counts the request as done.
+    std::thread::sleep(Duration::from_millis(200));
     let mut newcomer = connect_from([127, 0, 0, 2], address);
     assert!(
         closed_within(&mut idle, Duration::from_secs(5)).is_some(),
         "the idle connection did not make room"
     );
     assert!(is_served(&mut newcomer), "the newcomer was refused");
+}
+
+/// The resident memory of process `pid` (VmRSS in /proc/<pid>/status).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/<pid>/status");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|field| field.parse().ok())
+        .expect("VmRSS in kB");
+    kib * 1024
+}
+
+#[test]
+fn queued_request_bytes_bound_the_memory_of_partly_sent_frames() {
+    const MIB: usize = 1 << 20;
+    const BUDGET_BYTES: u64 = 100 * MIB as u64;
+    let broker = Broker::start(1, &[&format!("queued.max.request.bytes={BUDGET_BYTES}")]);
+    let bootstrap = broker.bootstrap();
+    let pid = broker.pid().unwrap();
+    create_topic(&bootstrap, "queued", 1, &[]);
+    client_round_trip(&bootstrap, "queued", "before", 0);
+    let base_bytes = rss_bytes(pid);
+    // 20 peers each announce a 100 MiB frame and send its first 15 MiB: 300 MiB, three times the
+    // budget. Once the budget is spent the broker reads no more and the writes stall.
+    let chunk = vec![0x5a_u8; MIB];
+    let mut senders = Vec::new();
+    let mut sent_bytes = 0;
+    for _ in 0..20 {
+        let mut stream = TcpStream::connect(&bootstrap).unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        stream.write_all(&(100 * MIB as i32).to_be_bytes()).unwrap();
+        for _ in 0..15 {
+            match stream.write(&chunk) {
+                Ok(written) => sent_bytes += written,
+                Err(_) => break,
+            }
+        }
+        senders.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let held_bytes = rss_bytes(pid).saturating_sub(base_bytes);
+    eprintln!(
+        "sent {} MiB of partial frames; broker RSS grew by {} MiB (budget {} MiB)",
+        sent_bytes / MIB,
+        held_bytes / MIB as u64,
+        BUDGET_BYTES / MIB as u64
+    );
+    assert!(
+        held_bytes < BUDGET_BYTES + 32 * MIB as u64,
+        "RSS grew by {held_bytes} bytes with a budget of {BUDGET_BYTES}"
+    );
+    // Closing the stalled connections gives their bytes back: clients are served again.
+    drop(senders);
+    client_round_trip(&bootstrap, "queued", "after", 20);
 }

@@ -16,12 +16,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use compio::BufResult;
-use compio::io::{AsyncReadExt, AsyncWriteExt};
+use compio::buf::IntoInner;
+use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::TcpStream;
 use compio::runtime::JoinHandle;
 use futures_util::future::{Either, select};
 
 use super::problems;
+use super::queued::{Grant, Held};
 use super::quotas::Activity;
 use super::{Admission, ConnectionInfo, Handler, OutPart, Reply, ShardServer, unless_stopped};
 
@@ -63,7 +65,10 @@ enum Pending {
 }
 
 /// The connection's shared counters and the tokens that wake a waiting reader or admitter.
-struct Budget {
+struct Budget<'a> {
+    /// The bytes this connection holds from the shard's `queued.max.request.bytes` budget: those
+    /// read and not yet answered.
+    held: Held<'a>,
     /// The in-flight bytes and last activity, which the shard's registry reads to find the
     /// connection idle longest.
     activity: Rc<Activity>,
@@ -87,6 +92,10 @@ pub(super) async fn run<H: Handler>(
     let (queue_tx, queue_rx) = flume::unbounded::<Bytes>();
     let (order_tx, order_rx) = flume::unbounded::<Admitted>();
     let budget = Budget {
+        held: Held {
+            queued: &server.queued,
+            bytes: std::cell::Cell::new(0),
+        },
         activity,
         inflight_requests: std::cell::Cell::new(0),
         bytes_released: flume::bounded(1),
@@ -123,7 +132,7 @@ async fn admit_frames<H: Handler>(
     info: &ConnectionInfo,
     queue: flume::Receiver<Bytes>,
     order: flume::Sender<Admitted>,
-    budget: &Budget,
+    budget: &Budget<'_>,
 ) {
     let max_requests = server.ctx.config().connection_max_inflight_requests;
     while let Ok(frame) = queue.recv_async().await {
@@ -157,7 +166,7 @@ async fn write_replies<H: Handler>(
     stream: &TcpStream,
     info: &ConnectionInfo,
     order: flume::Receiver<Admitted>,
-    budget: &Budget,
+    budget: &Budget<'_>,
 ) {
     while let Ok(admitted) = order.recv_async().await {
         let reply = match admitted.reply {
@@ -189,6 +198,7 @@ async fn write_replies<H: Handler>(
         activity
             .inflight_bytes
             .set(activity.inflight_bytes.get() - admitted.frame_bytes);
+        budget.held.release(admitted.frame_bytes);
         budget
             .inflight_requests
             .set(budget.inflight_requests.get() - 1);
@@ -202,7 +212,7 @@ async fn read_frames<H: Handler>(
     stream: &TcpStream,
     info: &ConnectionInfo,
     queue: flume::Sender<Bytes>,
-    budget: &Budget,
+    budget: &Budget<'_>,
 ) -> ReaderEnd {
     let config = server.ctx.config();
     let max_frame_bytes = u64::from(config.socket_request_max_bytes);
@@ -271,13 +281,35 @@ async fn read_frames<H: Handler>(
             frame_started_at = Some(Instant::now());
         }
         activity.reading_frame.set(!buffer.is_empty());
-        let mut read = pin!(reader.append(buffer));
+        // Read only what the shard's `queued.max.request.bytes` budget grants; while it is spent,
+        // wait (still under the deadlines below) for replies or closes to give bytes back.
+        let queued = budget.held.queued;
+        let start = buffer.len();
+        let spare = (buffer.capacity() - start) as u64;
+        let mut read = pin!(async move {
+            let mut grant = Grant {
+                queued,
+                bytes: queued.take(spare),
+            };
+            while grant.bytes == 0 {
+                let given_back = queued.on_give_back();
+                grant.bytes = queued.take(spare);
+                if grant.bytes == 0 {
+                    let _ = given_back.recv_async().await;
+                }
+            }
+            let end = start + grant.bytes as usize;
+            let BufResult(result, slice) = reader
+                .read(compio::buf::IoBuf::slice(buffer, start..end))
+                .await;
+            (BufResult(result, slice.into_inner()), grant)
+        });
         // Two deadlines, both from the configuration: a frame whose first bytes arrived must
         // complete within `ringbroker.connection.frame.timeout.ms` (a peer trickling a huge frame
         // holds its buffer no longer), and a connection with no request for
         // `connections.max.idle.ms` and nothing in flight is closed (Kafka's idle rule), so
         // forgotten connections do not hold their slot forever.
-        let BufResult(result, returned) = loop {
+        let (BufResult(result, returned), mut grant) = loop {
             let deadline = match frame_started_at {
                 Some(started) => started + frame_timeout,
                 None => last_request_at + idle_timeout,
@@ -330,6 +362,10 @@ async fn read_frames<H: Handler>(
             return ReaderEnd::Finish;
         };
         buffer = returned;
+        if let Ok(read_bytes) = &result {
+            grant.keep(*read_bytes as u64, &budget.held);
+        }
+        drop(grant);
         match result {
             Ok(0) => {
                 if !buffer.is_empty() {

@@ -13,7 +13,8 @@
 //! (`socket.request.max.bytes`, a larger frame closes that connection), connections per shard, per
 //! node and per client address (`ringbroker.max.connections.per.shard`, `max.connections`,
 //! `max.connections.per.ip`: at a limit the connection idle longest makes room (`quotas`); a
-//! new connection is refused only when none is idle), bytes read
+//! new connection is refused only when none is idle), bytes of requests held per shard
+//! (`queued.max.request.bytes`: past it the shard reads no more until replies free some), bytes read
 //! ahead but not yet answered per connection (`ringbroker.connection.max.inflight.bytes`), and two
 //! deadlines: no request for `connections.max.idle.ms` closes an idle connection, and a frame not
 //! complete within `ringbroker.connection.frame.timeout.ms` of its first bytes closes it too.
@@ -22,6 +23,7 @@
 
 mod connection;
 pub mod problems;
+mod queued;
 mod quotas;
 
 use std::cell::{Cell, RefCell};
@@ -131,6 +133,8 @@ pub(crate) struct ShardServer<H> {
     pub(crate) handler: Rc<H>,
     pub(crate) files: Rc<FileSender>,
     pub(crate) stop: StopSignal,
+    /// Bytes of requests the shard holds (`queued.max.request.bytes`).
+    pub(crate) queued: queued::QueuedBytes,
     live_connections: Cell<usize>,
     /// Woken (a token is left) whenever a connection closes, for the shutdown drain.
     closed_tx: flume::Sender<()>,
@@ -176,6 +180,7 @@ pub async fn serve<H: Handler>(
         handler,
         files,
         stop: stop.clone(),
+        queued: queued::QueuedBytes::new(config.queued_max_request_bytes),
         live_connections: Cell::new(0),
         closed_tx,
         closed_rx,
@@ -346,20 +351,28 @@ async fn admit_connection<H>(
     }
 }
 
-/// Closes the node's connection idle longest (from `ip`, if given): this shard's if it has an
-/// idle one, else the first other shard's that has.
+/// Closes the node's connection idle longest (from `ip`, if given), on whichever shard holds
+/// it: each shard is asked through its mailbox when its oldest idle connection was last active.
+/// A shard that does not answer within `REMOTE_EVICT_TIMEOUT` is passed over.
 async fn evict_on_any_shard<H>(server: &ShardServer<H>, ip: Option<std::net::IpAddr>) -> bool {
-    if quotas::evict_idle_longest(ip) {
-        return true;
-    }
     let ctx = &server.ctx;
-    for shard in (0..ctx.shard_count()).filter(|&s| s != ctx.shard_id()) {
-        let ask = ctx.run_on(shard, move || async move { quotas::evict_idle_longest(ip) });
-        if let Ok(Ok(true)) = compio::time::timeout(REMOTE_EVICT_TIMEOUT, ask).await {
-            return true;
+    let mut oldest: Option<(Instant, usize)> = None;
+    for shard in 0..ctx.shard_count() {
+        let ask = ctx.run_on(shard, move || async move { quotas::idle_since(ip) });
+        if let Ok(Ok(Some(since))) = compio::time::timeout(REMOTE_EVICT_TIMEOUT, ask).await
+            && oldest.is_none_or(|(oldest_since, _)| since < oldest_since)
+        {
+            oldest = Some((since, shard));
         }
     }
-    false
+    let Some((_, shard)) = oldest else {
+        return false;
+    };
+    let evict = ctx.run_on(shard, move || async move { quotas::evict_idle_longest(ip) });
+    matches!(
+        compio::time::timeout(REMOTE_EVICT_TIMEOUT, evict).await,
+        Ok(Ok(true))
+    )
 }
 
 /// Counts a connection as live until its task ends, however it ends.

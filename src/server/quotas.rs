@@ -143,6 +143,25 @@ pub(crate) fn unregister(id: u64) {
     CONNECTIONS.with(|map| map.borrow_mut().remove(&id));
 }
 
+/// When this shard's connection idle longest (from `ip`, if given) was last active; `None` if no
+/// connection of this shard is idle.
+pub(crate) fn idle_since(ip: Option<IpAddr>) -> Option<Instant> {
+    CONNECTIONS.with(|map| {
+        map.borrow()
+            .values()
+            .filter(|a| is_idle(a, ip))
+            .map(|a| a.last_active_at.get())
+            .min()
+    })
+}
+
+fn is_idle(activity: &Activity, ip: Option<IpAddr>) -> bool {
+    activity.inflight_bytes.get() == 0
+        && !activity.reading_frame.get()
+        && !activity.evicted.get()
+        && ip.is_none_or(|ip| activity.ip == ip)
+}
+
 /// Tells this shard's connection idle longest (from `ip`, if given) to close; `false` if no
 /// connection of this shard is idle.
 pub(crate) fn evict_idle_longest(ip: Option<IpAddr>) -> bool {
@@ -150,12 +169,7 @@ pub(crate) fn evict_idle_longest(ip: Option<IpAddr>) -> bool {
         let map = map.borrow();
         let oldest = map
             .values()
-            .filter(|a| {
-                a.inflight_bytes.get() == 0
-                    && !a.reading_frame.get()
-                    && !a.evicted.get()
-                    && ip.is_none_or(|ip| a.ip == ip)
-            })
+            .filter(|a| is_idle(a, ip))
             .min_by_key(|a| a.last_active_at.get());
         match oldest {
             Some(activity) => {

@@ -136,6 +136,11 @@ impl Broker {
         panic!("ringbroker did not start");
     }
 
+    /// The broker process's id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
