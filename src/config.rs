@@ -163,6 +163,22 @@ pub struct Config {
     /// `ringbroker.log.write.mode` (default buffered); `Node::start` replaces `Auto` by what the
     /// probe found.
     pub log_write_mode: WriteMode,
+    /// A connection with no request for this long, and none in flight, is closed
+    /// (`connections.max.idle.ms`).
+    pub connections_max_idle_ms: u64,
+    /// A request frame whose first bytes arrived must be complete within this, or the connection
+    /// is closed (`ringbroker.connection.frame.timeout.ms`).
+    pub connection_frame_timeout_ms: u64,
+    /// Lines about single connections' problems each shard logs per second at most
+    /// (`ringbroker.connection.log.lines.per.second`); the rest are counted in a summary line.
+    pub connection_log_lines_per_second: u32,
+    /// Open connections over the whole node (`max.connections`).
+    pub max_connections: usize,
+    /// Open connections from one client address (`max.connections.per.ip`).
+    pub max_connections_per_ip: usize,
+    /// Bytes of requests each shard holds in memory, read and not yet answered
+    /// (`queued.max.request.bytes`; `None` for Kafka's -1, no limit).
+    pub queued_max_request_bytes: Option<u64>,
 }
 
 /// A loaded configuration with the warnings to log (one per ignored key).
@@ -229,6 +245,12 @@ const KNOWN_KEYS: &[&str] = &[
     KEY_INFLIGHT_REQUESTS,
     KEY_SCRUB_RATE,
     KEY_LOG_WRITE_MODE,
+    "connections.max.idle.ms",
+    KEY_FRAME_TIMEOUT,
+    KEY_CONNECTION_LOG_LINES,
+    "max.connections",
+    "max.connections.per.ip",
+    "queued.max.request.bytes",
 ];
 
 pub const KEY_SHARDS: &str = "ringbroker.shards";
@@ -247,6 +269,8 @@ pub const KEY_BIND_RETRY: &str = "ringbroker.listener.bind.retry.ms";
 pub const DEFAULT_MAX_PARTITIONS_PER_SHARD: usize = 10_000;
 pub const KEY_INFLIGHT_REQUESTS: &str = "ringbroker.connection.max.inflight.requests";
 pub const KEY_SCRUB_RATE: &str = "ringbroker.log.scrub.bytes.per.second";
+pub const KEY_FRAME_TIMEOUT: &str = "ringbroker.connection.frame.timeout.ms";
+pub const KEY_CONNECTION_LOG_LINES: &str = "ringbroker.connection.log.lines.per.second";
 
 /// The embedded defaults: `ringbroker` with no arguments serves 127.0.0.1:9092 from
 /// `./ringbroker-data`. Loopback rather than Kafka's all-interfaces default, so that a broker
@@ -533,6 +557,22 @@ impl Config {
                     )
                 })?,
             },
+            connections_max_idle_ms: reader.int("connections.max.idle.ms", 600_000, 1, i64::MAX)?
+                as u64,
+            connection_frame_timeout_ms: reader.int(KEY_FRAME_TIMEOUT, 30_000, 1, i64::MAX)? as u64,
+            connection_log_lines_per_second: reader.int(KEY_CONNECTION_LOG_LINES, 10, 1, 1 << 20)?
+                as u32,
+            // Kafka's defaults (no limit); `ringbroker.max.connections.per.shard` bounds each
+            // shard regardless.
+            max_connections: reader.int("max.connections", i32::MAX as i64, 1, i32::MAX as i64)?
+                as usize,
+            max_connections_per_ip: reader.int(
+                "max.connections.per.ip",
+                i32::MAX as i64,
+                1,
+                i32::MAX as i64,
+            )? as usize,
+            queued_max_request_bytes: queued_max_request_bytes(&reader, socket_request_max_bytes)?,
         };
         Ok(Loaded { config, warnings })
     }
@@ -642,8 +682,45 @@ impl Config {
             ),
             format!("log.cleaner = {:?}", self.log_cleaner),
             format!("{KEY_SCRUB_RATE} = {}", self.log_scrub_bytes_per_second),
+            format!("connections.max.idle.ms = {}", self.connections_max_idle_ms),
+            format!("{KEY_FRAME_TIMEOUT} = {}", self.connection_frame_timeout_ms),
+            format!(
+                "{KEY_CONNECTION_LOG_LINES} = {}",
+                self.connection_log_lines_per_second
+            ),
+            format!("max.connections = {}", self.max_connections),
+            format!("max.connections.per.ip = {}", self.max_connections_per_ip),
+            format!(
+                "queued.max.request.bytes = {}",
+                self.queued_max_request_bytes
+                    .map_or(-1, |bytes| bytes as i64)
+            ),
         ]
     }
+}
+
+/// `queued.max.request.bytes`: -1 (Kafka's default) for no limit, otherwise at least
+/// `socket.request.max.bytes`, so that a frame of the largest allowed size can always be read
+/// whole once the rest of the shard's requests are answered.
+fn queued_max_request_bytes(
+    reader: &Reader<'_>,
+    socket_request_max_bytes: u32,
+) -> Result<Option<u64>, ConfigError> {
+    const KEY: &str = "queued.max.request.bytes";
+    let bytes = reader.int(KEY, -1, -1, i64::MAX)?;
+    if bytes == -1 {
+        return Ok(None);
+    }
+    if bytes < i64::from(socket_request_max_bytes) {
+        return Err(ConfigError::invalid(
+            KEY,
+            &bytes.to_string(),
+            format!(
+                "must be -1 (no limit) or at least socket.request.max.bytes ({socket_request_max_bytes})"
+            ),
+        ));
+    }
+    Ok(Some(bytes as u64))
 }
 
 /// Typed access to the merged properties; every error names the key and the value.
@@ -1257,11 +1334,27 @@ mod tests {
     }
 
     #[test]
+    fn queued_max_request_bytes_is_minus_one_or_at_least_one_frame() {
+        assert_eq!(load("").unwrap().config.queued_max_request_bytes, None);
+        let config = load("queued.max.request.bytes=104857600").unwrap().config;
+        assert_eq!(config.queued_max_request_bytes, Some(104_857_600));
+        match load("socket.request.max.bytes=2000\nqueued.max.request.bytes=1000") {
+            Err(ConfigError::InvalidValue { key, value, .. }) => {
+                assert_eq!(
+                    (key.as_str(), value.as_str()),
+                    ("queued.max.request.bytes", "1000")
+                );
+            }
+            other => panic!("expected an invalid value, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn summary_has_one_line_per_setting() {
         let config = load("").unwrap().config;
         let lines = config.summary_lines();
         assert!(lines.iter().all(|l| !l.contains('\n')));
         assert!(lines.iter().any(|l| l.starts_with("log.retention.ms = ")));
-        assert_eq!(lines.len(), 41);
+        assert_eq!(lines.len(), 47);
     }
 }

@@ -613,7 +613,7 @@ fn range_past_end_of_file_closes_the_connection() {
 }
 
 #[test]
-fn connections_beyond_the_limit_are_refused() {
+fn at_the_connection_limit_an_idle_connection_makes_room_or_the_new_one_is_refused() {
     let node = start(0, |config| config.max_connections_per_shard = 2);
     let mut first = node.connect(0);
     let mut second = node.connect(0);
@@ -621,8 +621,17 @@ fn connections_beyond_the_limit_are_refused() {
     send(&mut second, b"E2");
     assert_eq!(receive(&mut first), b"1");
     assert_eq!(receive(&mut second), b"2");
+    // Both are idle: a third connection takes the place of the one idle longest.
     let mut third = node.connect(0);
-    assert!(closed_by_server(&mut third));
+    send(&mut third, b"E3");
+    assert_eq!(receive(&mut third), b"3");
+    assert!(closed_by_server(&mut first));
+    // A connection in the middle of a request is never closed to make room: a fourth is refused.
+    second.write_all(&100i32.to_be_bytes()).unwrap();
+    third.write_all(&100i32.to_be_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut fourth = node.connect(0);
+    assert!(closed_by_server(&mut fourth));
     // Another shard has its own limit.
     let mut elsewhere = node.connect(1);
     send(&mut elsewhere, b"E3");

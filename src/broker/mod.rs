@@ -436,7 +436,11 @@ impl ShardBroker {
     /// version gets the v0 fallback, other unsupported versions or malformed bodies get an error
     /// response when one can be built, and anything else closes the connection.
     fn reject(&self, conn: &ConnectionInfo, error: DecodeError) -> Reply {
-        warn!(conn = conn.id, peer = %conn.peer, %error, "bad request");
+        // Within the shard's budget for lines about single connections: a client repeating a bad
+        // request must not flood the log.
+        if crate::server::problems::permit(Some(conn.id)) {
+            warn!(conn = conn.id, peer = %conn.peer, %error, "bad request");
+        }
         match error.reply() {
             Some(frame) => Reply::Send(vec![OutPart::Bytes(frame)]),
             None => Reply::Close,

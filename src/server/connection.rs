@@ -10,16 +10,21 @@
 //! waits) and requests admitted but not yet answered (`ringbroker.connection.max.inflight.requests`;
 //! the admitter waits).
 
-use std::cell::Cell;
 use std::pin::pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use compio::BufResult;
-use compio::io::{AsyncReadExt, AsyncWriteExt};
+use compio::buf::IntoInner;
+use compio::io::{AsyncRead, AsyncWriteExt};
 use compio::net::TcpStream;
 use compio::runtime::JoinHandle;
 use futures_util::future::{Either, select};
 
+use super::problems;
+use super::queued::{Grant, Held};
+use super::quotas::Activity;
 use super::{Admission, ConnectionInfo, Handler, OutPart, Reply, ShardServer, unless_stopped};
 
 /// Bytes asked of each read. Large enough that a stream of small produce requests costs few
@@ -60,9 +65,14 @@ enum Pending {
 }
 
 /// The connection's shared counters and the tokens that wake a waiting reader or admitter.
-struct Budget {
-    inflight_bytes: Cell<u64>,
-    inflight_requests: Cell<usize>,
+struct Budget<'a> {
+    /// The bytes this connection holds from the shard's `queued.max.request.bytes` budget: those
+    /// read and not yet answered.
+    held: Held<'a>,
+    /// The in-flight bytes and last activity, which the shard's registry reads to find the
+    /// connection idle longest.
+    activity: Rc<Activity>,
+    inflight_requests: std::cell::Cell<usize>,
     /// A token tells a reader waiting on the byte budget to look again; one pending is enough.
     bytes_released: (flume::Sender<()>, flume::Receiver<()>),
     /// The same for an admitter waiting on the request budget.
@@ -74,6 +84,7 @@ pub(super) async fn run<H: Handler>(
     server: &ShardServer<H>,
     stream: TcpStream,
     info: ConnectionInfo,
+    activity: Rc<Activity>,
 ) {
     tracing::debug!(shard = info.shard, peer = %info.peer, id = info.id, "connection opened");
     // Both queues are bounded although their channel type is not: the frame queue by the byte
@@ -81,8 +92,12 @@ pub(super) async fn run<H: Handler>(
     let (queue_tx, queue_rx) = flume::unbounded::<Bytes>();
     let (order_tx, order_rx) = flume::unbounded::<Admitted>();
     let budget = Budget {
-        inflight_bytes: Cell::new(0),
-        inflight_requests: Cell::new(0),
+        held: Held {
+            queued: &server.queued,
+            bytes: std::cell::Cell::new(0),
+        },
+        activity,
+        inflight_requests: std::cell::Cell::new(0),
         bytes_released: flume::bounded(1),
         request_released: flume::bounded(1),
     };
@@ -104,6 +119,7 @@ pub(super) async fn run<H: Handler>(
         Either::Left((ReaderEnd::Abort, _)) => {}
         Either::Right(((), _)) => {}
     }
+    problems::connection_closed(info.id);
     tracing::debug!(shard = info.shard, peer = %info.peer, id = info.id, "connection closed");
 }
 
@@ -116,7 +132,7 @@ async fn admit_frames<H: Handler>(
     info: &ConnectionInfo,
     queue: flume::Receiver<Bytes>,
     order: flume::Sender<Admitted>,
-    budget: &Budget,
+    budget: &Budget<'_>,
 ) {
     let max_requests = server.ctx.config().connection_max_inflight_requests;
     while let Ok(frame) = queue.recv_async().await {
@@ -150,7 +166,7 @@ async fn write_replies<H: Handler>(
     stream: &TcpStream,
     info: &ConnectionInfo,
     order: flume::Receiver<Admitted>,
-    budget: &Budget,
+    budget: &Budget<'_>,
 ) {
     while let Ok(admitted) = order.recv_async().await {
         let reply = match admitted.reply {
@@ -177,9 +193,12 @@ async fn write_replies<H: Handler>(
         if close_after {
             return;
         }
-        budget
+        let activity = &budget.activity;
+        activity.last_active_at.set(Instant::now());
+        activity
             .inflight_bytes
-            .set(budget.inflight_bytes.get() - admitted.frame_bytes);
+            .set(activity.inflight_bytes.get() - admitted.frame_bytes);
+        budget.held.release(admitted.frame_bytes);
         budget
             .inflight_requests
             .set(budget.inflight_requests.get() - 1);
@@ -193,13 +212,21 @@ async fn read_frames<H: Handler>(
     stream: &TcpStream,
     info: &ConnectionInfo,
     queue: flume::Sender<Bytes>,
-    budget: &Budget,
+    budget: &Budget<'_>,
 ) -> ReaderEnd {
     let config = server.ctx.config();
     let max_frame_bytes = u64::from(config.socket_request_max_bytes);
     let max_inflight_bytes = config.connection_max_inflight_bytes;
-    let inflight_bytes = &budget.inflight_bytes;
+    let activity = &budget.activity;
+    let inflight_bytes = &activity.inflight_bytes;
+    let evict = &activity.evict.1;
     let released = &budget.bytes_released.1;
+    let idle_timeout = Duration::from_millis(config.connections_max_idle_ms);
+    let frame_timeout = Duration::from_millis(config.connection_frame_timeout_ms);
+    // When the last complete request was cut off the stream, and when the first bytes of the
+    // frame being read now arrived (`None` between frames).
+    let mut last_request_at = Instant::now();
+    let mut frame_started_at: Option<Instant> = None;
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut reader = stream;
     loop {
@@ -207,13 +234,15 @@ async fn read_frames<H: Handler>(
         while buffer.len() >= 4 {
             let size = i32::from_be_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]);
             if size < 0 || size as u64 > max_frame_bytes {
-                tracing::warn!(
+                if problems::permit(Some(info.id)) {
+                    tracing::warn!(
                     shard = info.shard,
                     peer = %info.peer,
                     size,
                     limit = max_frame_bytes,
                     "closing connection: request frame larger than socket.request.max.bytes"
-                );
+                    );
+                }
                 return ReaderEnd::Abort;
             }
             let frame_bytes = 4 + size as usize;
@@ -237,6 +266,8 @@ async fn read_frames<H: Handler>(
             }
             let frame = buffer.split_to(frame_bytes).freeze().slice(4..);
             inflight_bytes.set(inflight_bytes.get() + frame_bytes as u64);
+            last_request_at = Instant::now();
+            frame_started_at = None;
             if queue.send(frame).is_err() {
                 // The admitter stopped after a request that closes the connection: let the
                 // writer answer up to that request, then close.
@@ -246,12 +277,95 @@ async fn read_frames<H: Handler>(
         if buffer.capacity() - buffer.len() < READ_CHUNK_BYTES / 4 {
             buffer.reserve(READ_CHUNK_BYTES);
         }
-        let BufResult(result, returned) =
-            match unless_stopped(&server.stop, reader.append(buffer)).await {
-                Some(read) => read,
-                None => return ReaderEnd::Finish,
+        if !buffer.is_empty() && frame_started_at.is_none() {
+            frame_started_at = Some(Instant::now());
+        }
+        activity.reading_frame.set(!buffer.is_empty());
+        // Read only what the shard's `queued.max.request.bytes` budget grants; while it is spent,
+        // wait (still under the deadlines below) for replies or closes to give bytes back.
+        let queued = budget.held.queued;
+        let start = buffer.len();
+        let spare = (buffer.capacity() - start) as u64;
+        let mut read = pin!(async move {
+            let mut grant = Grant {
+                queued,
+                bytes: queued.take(spare),
             };
+            while grant.bytes == 0 {
+                let given_back = queued.on_give_back();
+                grant.bytes = queued.take(spare);
+                if grant.bytes == 0 {
+                    let _ = given_back.recv_async().await;
+                }
+            }
+            let end = start + grant.bytes as usize;
+            let BufResult(result, slice) = reader
+                .read(compio::buf::IoBuf::slice(buffer, start..end))
+                .await;
+            (BufResult(result, slice.into_inner()), grant)
+        });
+        // Two deadlines, both from the configuration: a frame whose first bytes arrived must
+        // complete within `ringbroker.connection.frame.timeout.ms` (a peer trickling a huge frame
+        // holds its buffer no longer), and a connection with no request for
+        // `connections.max.idle.ms` and nothing in flight is closed (Kafka's idle rule), so
+        // forgotten connections do not hold their slot forever.
+        let (BufResult(result, returned), mut grant) = loop {
+            let deadline = match frame_started_at {
+                Some(started) => started + frame_timeout,
+                None => last_request_at + idle_timeout,
+            };
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let sleep = pin!(compio::time::sleep(wait));
+            let evicted = pin!(evict.recv_async());
+            match unless_stopped(&server.stop, select(read.as_mut(), select(sleep, evicted))).await
+            {
+                None => return ReaderEnd::Finish,
+                Some(Either::Left((read, _))) => break read,
+                Some(Either::Right((Either::Left(((), _)), _))) => {}
+                Some(Either::Right((Either::Right(_), _))) => {
+                    // The shard needs this idle connection's place for a new one.
+                    if problems::permit(Some(info.id)) {
+                        tracing::info!(
+                            shard = info.shard,
+                            peer = %info.peer,
+                            "closing the connection idle longest to make room for a new one"
+                        );
+                    }
+                    return ReaderEnd::Finish;
+                }
+            }
+            if let Some(started) = frame_started_at {
+                if problems::permit(Some(info.id)) {
+                    tracing::warn!(
+                    shard = info.shard,
+                    peer = %info.peer,
+                    waited_ms = started.elapsed().as_millis() as u64,
+                    limit_ms = frame_timeout.as_millis() as u64,
+                    "closing connection: request frame not complete within ringbroker.connection.frame.timeout.ms"
+                    );
+                }
+                return ReaderEnd::Abort;
+            }
+            if inflight_bytes.get() > 0 {
+                // Requests are still being answered: the connection is busy, not idle.
+                last_request_at = Instant::now();
+                continue;
+            }
+            if problems::permit(Some(info.id)) {
+                tracing::debug!(
+                    shard = info.shard,
+                    peer = %info.peer,
+                    limit_ms = idle_timeout.as_millis() as u64,
+                    "closing connection idle for connections.max.idle.ms"
+                );
+            }
+            return ReaderEnd::Finish;
+        };
         buffer = returned;
+        if let Ok(read_bytes) = &result {
+            grant.keep(*read_bytes as u64, &budget.held);
+        }
+        drop(grant);
         match result {
             Ok(0) => {
                 if !buffer.is_empty() {
@@ -264,7 +378,7 @@ async fn read_frames<H: Handler>(
                 }
                 return ReaderEnd::Finish;
             }
-            Ok(_) => {}
+            Ok(_) => activity.last_active_at.set(Instant::now()),
             Err(error) => {
                 tracing::debug!(shard = info.shard, peer = %info.peer, %error, "read failed");
                 return ReaderEnd::Abort;

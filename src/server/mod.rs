@@ -10,11 +10,21 @@
 //!
 //! The server knows no Kafka: a request is an opaque frame, a reply is a list of byte and file
 //! parts that already carry their own size prefix. Limits, all from the configuration: frame size
-//! (`socket.request.max.bytes`, a larger frame closes that connection), connections per shard
-//! (`ringbroker.max.connections.per.shard`, extra connections are closed on accept) and bytes read
-//! ahead but not yet answered per connection (`ringbroker.connection.max.inflight.bytes`).
+//! (`socket.request.max.bytes`, a larger frame closes that connection), connections per shard, per
+//! node and per client address (`ringbroker.max.connections.per.shard`, `max.connections`,
+//! `max.connections.per.ip`: at a limit the connection idle longest makes room (`quotas`); a
+//! new connection is refused only when none is idle), bytes of requests held per shard
+//! (`queued.max.request.bytes`: past it the shard reads no more until replies free some), bytes read
+//! ahead but not yet answered per connection (`ringbroker.connection.max.inflight.bytes`), and two
+//! deadlines: no request for `connections.max.idle.ms` closes an idle connection, and a frame not
+//! complete within `ringbroker.connection.frame.timeout.ms` of its first bytes closes it too.
+//! Lines about a single connection's problems go through [`problems::permit`]: at most one per
+//! connection and `ringbroker.connection.log.lines.per.second` per shard, the rest summed up.
 
 mod connection;
+pub mod problems;
+mod queued;
+mod quotas;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -22,6 +32,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,6 +40,7 @@ use futures_util::future::{Either, LocalBoxFuture, select};
 
 use crate::shard::pipe::{FileSender, SendStats};
 use crate::shard::{ShardContext, StopSignal};
+use quotas::{ConnectionPermit, NodeConnections, Refusal};
 
 /// One part of a reply: bytes from memory, or a range of an open file sent without copying.
 pub enum OutPart {
@@ -121,6 +133,8 @@ pub(crate) struct ShardServer<H> {
     pub(crate) handler: Rc<H>,
     pub(crate) files: Rc<FileSender>,
     pub(crate) stop: StopSignal,
+    /// Bytes of requests the shard holds (`queued.max.request.bytes`).
+    pub(crate) queued: queued::QueuedBytes,
     live_connections: Cell<usize>,
     /// Woken (a token is left) whenever a connection closes, for the shutdown drain.
     closed_tx: flume::Sender<()>,
@@ -166,17 +180,32 @@ pub async fn serve<H: Handler>(
         handler,
         files,
         stop: stop.clone(),
+        queued: queued::QueuedBytes::new(config.queued_max_request_bytes),
         live_connections: Cell::new(0),
         closed_tx,
         closed_rx,
     });
     let shard = server.ctx.shard_id();
+    problems::install(shard, config.connection_log_lines_per_second);
+    // Reports suppressed problem lines even when no further problem arrives to report them.
+    let ticker_stop = stop.clone();
+    compio::runtime::spawn(async move {
+        while unless_stopped(&ticker_stop, compio::time::sleep(Duration::from_secs(1)))
+            .await
+            .is_some()
+        {
+            problems::tick();
+        }
+        problems::tick();
+    })
+    .detach();
     let mut summary = ServeSummary {
         connections_accepted: 0,
         connections_refused: 0,
         connections_abandoned: 0,
     };
     let mut next_sequence: u64 = 0;
+    let node = NodeConnections::of(server.ctx.config());
     loop {
         let accepted = match select(pin!(listener.accept()), pin!(stop.wait())).await {
             Either::Left((accepted, _)) => accepted,
@@ -185,23 +214,31 @@ pub async fn serve<H: Handler>(
         let (stream, peer) = match accepted {
             Ok(pair) => pair,
             Err(error) => {
-                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on the same error.
-                tracing::warn!(shard, %error, "accept failed");
+                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning on the same error, and log
+                // it within the shard's problem-line budget.
+                if problems::permit(None) {
+                    tracing::warn!(shard, %error, "accept failed");
+                }
                 compio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        if server.live_connections.get() >= config.max_connections_per_shard {
-            summary.connections_refused += 1;
-            tracing::warn!(
-                shard,
-                %peer,
-                limit = config.max_connections_per_shard,
-                "refusing connection: ringbroker.max.connections.per.shard reached"
-            );
-            drop(stream);
-            continue;
-        }
+        let permit = match admit_connection(&server, &node, peer).await {
+            Ok(permit) => permit,
+            Err(key) => {
+                summary.connections_refused += 1;
+                if problems::permit(None) {
+                    tracing::warn!(
+                        shard,
+                        %peer,
+                        refused = summary.connections_refused,
+                        "refusing connection: {key} reached and no idle connection to close"
+                    );
+                }
+                drop(stream);
+                continue;
+            }
+        };
         summary.connections_accepted += 1;
         // Shard number in the top 16 bits keeps ids unique across the node.
         let id = ((shard as u64) << 48) | (next_sequence & ((1 << 48) - 1));
@@ -214,9 +251,12 @@ pub async fn serve<H: Handler>(
             .live_connections
             .set(server.live_connections.get() + 1);
         let task_server = server.clone();
+        let activity = quotas::register(id, peer.ip());
         compio::runtime::spawn(async move {
             let _guard = LiveGuard(&task_server);
-            connection::run(&task_server, stream, info).await;
+            let _permit = permit;
+            connection::run(&task_server, stream, info, activity).await;
+            quotas::unregister(id);
         })
         .detach();
     }
@@ -247,6 +287,92 @@ pub async fn serve<H: Handler>(
         );
     }
     Ok(summary)
+}
+
+/// How long a new connection waits for the idle connection closed to make room for it.
+const ROOM_WAIT: Duration = Duration::from_millis(500);
+
+/// How long the accept loop waits for another shard to close an idle connection for it.
+const REMOTE_EVICT_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Which limit a new connection would exceed.
+#[derive(Clone, Copy)]
+enum Full {
+    Shard,
+    Node(Refusal),
+}
+
+/// Takes a place for a connection from `peer` under `ringbroker.max.connections.per.shard`,
+/// `max.connections` and `max.connections.per.ip`. When one is reached, the connection idle
+/// longest that counts against it (this shard's for the shard limit; the node's, from `peer`'s
+/// address for the per-address limit) is closed and its place taken; only when none is idle is
+/// the new connection refused, with the key of the limit.
+async fn admit_connection<H>(
+    server: &ShardServer<H>,
+    node: &Arc<NodeConnections>,
+    peer: SocketAddr,
+) -> Result<ConnectionPermit, &'static str> {
+    let config = server.ctx.config();
+    let mut room_made_at: Option<Instant> = None;
+    loop {
+        let full = if server.live_connections.get() >= config.max_connections_per_shard {
+            Full::Shard
+        } else {
+            match node.try_acquire(
+                peer.ip(),
+                config.max_connections,
+                config.max_connections_per_ip,
+            ) {
+                Ok(permit) => return Ok(permit),
+                Err(refusal) => Full::Node(refusal),
+            }
+        };
+        let key = match full {
+            Full::Shard => crate::config::KEY_MAX_CONNECTIONS,
+            Full::Node(refusal) => refusal.key(),
+        };
+        match room_made_at {
+            None => {
+                let evicted = match full {
+                    Full::Shard => quotas::evict_idle_longest(None),
+                    Full::Node(Refusal::Node) => evict_on_any_shard(server, None).await,
+                    Full::Node(Refusal::Ip) => evict_on_any_shard(server, Some(peer.ip())).await,
+                };
+                if !evicted {
+                    return Err(key);
+                }
+                room_made_at = Some(Instant::now());
+            }
+            Some(at) if at.elapsed() >= ROOM_WAIT => return Err(key),
+            Some(_) => {}
+        }
+        // The closed connection gives its place back when its task ends.
+        compio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Closes the node's connection idle longest (from `ip`, if given), on whichever shard holds
+/// it: each shard is asked through its mailbox when its oldest idle connection was last active.
+/// A shard that does not answer within `REMOTE_EVICT_TIMEOUT` is passed over.
+async fn evict_on_any_shard<H>(server: &ShardServer<H>, ip: Option<std::net::IpAddr>) -> bool {
+    let ctx = &server.ctx;
+    let mut oldest: Option<(Instant, usize)> = None;
+    for shard in 0..ctx.shard_count() {
+        let ask = ctx.run_on(shard, move || async move { quotas::idle_since(ip) });
+        if let Ok(Ok(Some(since))) = compio::time::timeout(REMOTE_EVICT_TIMEOUT, ask).await
+            && oldest.is_none_or(|(oldest_since, _)| since < oldest_since)
+        {
+            oldest = Some((since, shard));
+        }
+    }
+    let Some((_, shard)) = oldest else {
+        return false;
+    };
+    let evict = ctx.run_on(shard, move || async move { quotas::evict_idle_longest(ip) });
+    matches!(
+        compio::time::timeout(REMOTE_EVICT_TIMEOUT, evict).await,
+        Ok(Ok(true))
+    )
 }
 
 /// Counts a connection as live until its task ends, however it ends.

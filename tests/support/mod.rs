@@ -80,6 +80,24 @@ impl Broker {
         broker
     }
 
+    /// Starts a broker like [`Broker::start`] whose log (stderr, `info` level) is written to `log`,
+    /// for tests that read or measure it.
+    pub fn start_logging_to(log: &Path, shards: usize, overrides: &[&str]) -> Broker {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let data_dir = temp.path().join("data");
+        let mut broker = Broker {
+            child: None,
+            port: 0,
+            shards,
+            data_dir,
+            extra: overrides.iter().map(|s| s.to_string()).collect(),
+            log_file: Some(log.to_path_buf()),
+            _temp: Some(temp),
+        };
+        broker.launch();
+        broker
+    }
+
     /// Like `start_on`, with the broker's log (stderr) appended to `log_file` for the test to read.
     pub fn start_on_logged(
         data_dir: &Path,
@@ -128,6 +146,10 @@ impl Broker {
             for extra in &self.extra {
                 command.arg("--override").arg(extra);
             }
+            if self.log_file.is_some() {
+                // Tests that read or measure the log expect the default `info` level.
+                command.env_remove("RUST_LOG");
+            }
             let mut child = command.spawn().expect("start ringbroker");
             if wait_for_ports(&mut child, port, self.shards, Duration::from_secs(20)) {
                 self.child = Some(child);
@@ -139,6 +161,11 @@ impl Broker {
             eprintln!("broker did not come up on port {port} (attempt {attempt}); retrying");
         }
         panic!("ringbroker did not start");
+    }
+
+    /// The broker process's id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn bootstrap(&self) -> String {
