@@ -520,15 +520,28 @@ impl PartitionLog {
                 .map_err(|source| StorageError::io("fsync", dir, source))?;
         }
         {
+            // A clean open (or a new, empty partition) is routine and a node may hold tens of
+            // thousands of partitions, so it is logged at debug; an open that had to recover data is
+            // worth an operator's eye.
             let state = log.state.borrow();
-            tracing::info!(
-                dir = %dir.display(),
-                clean,
-                segments = state.segments.len(),
-                log_start_offset = state.log_start_offset,
-                log_end_offset = state.log_end_offset,
-                "opened partition log"
-            );
+            let recovered_data = !clean && state.log_end_offset > state.log_start_offset;
+            if !recovered_data {
+                tracing::debug!(
+                    dir = %dir.display(),
+                    segments = state.segments.len(),
+                    log_start_offset = state.log_start_offset,
+                    log_end_offset = state.log_end_offset,
+                    "opened partition log"
+                );
+            } else {
+                tracing::info!(
+                    dir = %dir.display(),
+                    segments = state.segments.len(),
+                    log_start_offset = state.log_start_offset,
+                    log_end_offset = state.log_end_offset,
+                    "opened partition log after an unclean stop (recovered by scan)"
+                );
+            }
         }
         Ok(log)
     }
