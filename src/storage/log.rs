@@ -1663,6 +1663,44 @@ impl PartitionLog {
         Ok(())
     }
 
+    /// Deletes the oldest segment `base` (whose successor starts at `next_base`) for retention or
+    /// DeleteRecords. The `.log` goes first: once it is gone the segment is gone, and orphaned index
+    /// files are cleaned up at the next open. The log start moves to at least `next_base`.
+    pub(crate) async fn unlink_oldest_segment(
+        &self,
+        base: i64,
+        next_base: i64,
+        log_path: &Path,
+    ) -> Result<(), StorageError> {
+        let disk = self.disk.clone();
+        let doomed = log_path.to_path_buf();
+        match self
+            .detached(async move { disk.remove_file(&doomed).await })
+            .await
+        {
+            Ok(()) => {}
+            // A cancelled earlier pass may already have removed it.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(StorageError::io("remove_file", log_path, source)),
+        }
+        let removed = {
+            let mut state = self.state.borrow_mut();
+            let removed = state.segments.remove(&base);
+            // DeleteRecords may have moved the start past this segment already.
+            state.log_start_offset = state.log_start_offset.max(next_base);
+            state.check_invariants();
+            removed
+        };
+        if let Some(segment) = removed {
+            for path in [&segment.index_path, &segment.time_index_path] {
+                if let Err(error) = self.disk.remove_file(path).await {
+                    tracing::warn!(path = %path.display(), %error, "could not remove index file");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes the oldest whole segments that are past `retention_ms` (judged by their largest
     /// timestamp) or beyond `retention_bytes`. Never the active segment, never data at or above the
     /// high watermark. Readers holding a segment's file keep reading it until they drop it.
@@ -1718,34 +1756,8 @@ impl PartitionLog {
                 )
             };
             let (base, next_base, log_path, size_bytes) = victim;
-            // The `.log` goes first: once it is gone the segment is gone, and orphaned index files are
-            // cleaned up at the next open.
-            let disk = self.disk.clone();
-            let doomed = log_path.clone();
-            match self
-                .detached(async move { disk.remove_file(&doomed).await })
-                .await
-            {
-                Ok(()) => {}
-                // A cancelled earlier pass may already have removed it.
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StorageError::io("remove_file", &log_path, source)),
-            }
-            let removed = {
-                let mut state = self.state.borrow_mut();
-                let removed = state.segments.remove(&base);
-                // DeleteRecords may have moved the start past this segment already.
-                state.log_start_offset = state.log_start_offset.max(next_base);
-                state.check_invariants();
-                removed
-            };
-            if let Some(segment) = removed {
-                for path in [&segment.index_path, &segment.time_index_path] {
-                    if let Err(error) = self.disk.remove_file(path).await {
-                        tracing::warn!(path = %path.display(), %error, "could not remove index file");
-                    }
-                }
-            }
+            self.unlink_oldest_segment(base, next_base, &log_path)
+                .await?;
             tracing::info!(dir = %self.dir.display(), base_offset = base, size_bytes, "retention deleted segment");
             outcome.deleted_segments += 1;
             outcome.deleted_bytes += size_bytes;

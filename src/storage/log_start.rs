@@ -94,38 +94,27 @@ impl PartitionLog {
     pub(crate) async fn remove_segments_below_start(&self) -> Result<(), StorageError> {
         // Bounded by the number of segments: each round removes the oldest one or stops.
         loop {
-            let victim: Option<(i64, PathBuf, u64)> = {
+            let victim: Option<(i64, i64, PathBuf, u64)> = {
                 let state = self.state.borrow();
                 let mut bases = state.segments.keys();
                 match (bases.next(), bases.next()) {
                     (Some(&oldest), Some(&next_base)) if next_base <= state.log_start_offset => {
                         let segment = &state.segments[&oldest];
-                        Some((oldest, segment.log.path().to_path_buf(), segment.size_bytes))
+                        Some((
+                            oldest,
+                            next_base,
+                            segment.log.path().to_path_buf(),
+                            segment.size_bytes,
+                        ))
                     }
                     _ => None,
                 }
             };
-            let Some((base, log_path, size_bytes)) = victim else {
+            let Some((base, next_base, log_path, size_bytes)) = victim else {
                 break;
             };
-            let disk = self.disk.clone();
-            let doomed = log_path.clone();
-            match self
-                .detached(async move { disk.remove_file(&doomed).await })
-                .await
-            {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StorageError::io("remove_file", &log_path, source)),
-            }
-            let removed = self.state.borrow_mut().segments.remove(&base);
-            if let Some(segment) = removed {
-                for path in [&segment.index_path, &segment.time_index_path] {
-                    if let Err(error) = self.disk.remove_file(path).await {
-                        tracing::warn!(path = %path.display(), %error, "could not remove index file");
-                    }
-                }
-            }
+            self.unlink_oldest_segment(base, next_base, &log_path)
+                .await?;
             tracing::info!(dir = %self.dir.display(), base_offset = base, size_bytes, "deleted segment below the log start offset");
         }
         Ok(())
